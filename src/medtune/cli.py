@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data prepare": ("medtune.data.prepare:prepare", "clean, deduplicate and split a medical QA corpus"),
     "data report": ("medtune.data.report:report", "write a Markdown report with plots for a prepared data directory"),
     "data download": ("medtune.data.download:download", "download the full Toyhom Chinese medical dialogue dataset"),
+    "tiny-model": ("medtune.modeling:tiny_model", "build a tiny random Qwen3 model + BPE tokenizer for CPU tests and demos"),
+    "train": ("medtune.train:train", "LoRA / QLoRA supervised fine-tuning on a prepared data directory"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import types
 import typing
@@ -109,7 +110,7 @@ def build(cls: type, values: dict[str, Any], *, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
-            close = [n for n in names if n.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            close = difflib.get_close_matches(str(key).replace("-", "_"), sorted(names), n=1, cutoff=0.7)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{prefix}{key}: unknown key{hint}")
     kwargs = {}
@@ -257,3 +258,17 @@ def resolve(fn: Callable, flags: dict[str, Any], config: Path | None = None) -> 
     if problems:
         raise ConfigError(problems, str(config) if config else None)
     return kwargs
+
+
+# ----------------------------------------------------------------------------- shared argument groups
+
+@dataclasses.dataclass
+class ModelArgs:
+    """Which model to load: the base, its adapters, where it comes from, and how (profile, quantisation)."""
+
+    model: str = arg("Qwen/Qwen3-4B", "base model: a local directory or a hub id (downloaded into --models-dir/<id>)")
+    adapter: list[str] = arg(factory=list, help="adapter directory; repeat the flag where several make sense")
+    hub: Literal["modelscope", "hf"] = arg("modelscope", "hub a model id is downloaded from: ModelScope or Hugging Face")
+    profile: str | None = arg(None, "hardware profile (cpu, cuda-8gb, cuda-12gb, cuda-16gb, cuda-24gb, cuda-40gb+, multi-gpu); detected when omitted")
+    quant: Literal["none", "int8", "nf4"] | None = arg(None, "quantisation of the base weights; overrides the profile's")
+    models_dir: Path = arg(Path("models"), "where hub downloads are kept")
