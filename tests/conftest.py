@@ -16,3 +16,11 @@ def sample_csv() -> Path:
     if not SAMPLE_CSV.is_file():
         pytest.fail(f"shared sample missing: {SAMPLE_CSV} (CI lays ../shared beside the checkout)")
     return SAMPLE_CSV
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(sample_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen3 + BPE tokenizer trained on the sample, built once per session (~15 s)."""
+    from medtune.modeling import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen3", data=sample_csv)

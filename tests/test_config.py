@@ -67,3 +67,23 @@ def test_recipe_must_be_a_mapping(tmp_path):
     recipe.write_text("- a\n- b\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="mapping"):
         resolve(_command, {}, recipe)
+
+
+def test_plain_parameter_help_comes_from_the_docstring():
+    import argparse
+
+    from medtune.config import add_arguments
+
+    def cmd(data: Path, output: Path, seed: int = 3):
+        """Do a thing.
+
+        Args:
+            data: the prepared data
+                directory
+            output: where to write
+        """
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, cmd)
+    text = p.format_help()
+    assert "the prepared data directory" in text and "where to write" in text and "(default: 3)" in text

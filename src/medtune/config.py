@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -168,8 +169,29 @@ def _add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: 
     parser.add_argument(_flag(name), **kw)
 
 
+def param_help(fn: Callable) -> dict[str, str]:
+    """Help for plain parameters from the function docstring's ``Args:`` section (``name: text`` lines)."""
+    doc = inspect.getdoc(fn) or ""
+    helps: dict[str, str] = {}
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Arguments:"):
+            in_args = True
+            continue
+        if in_args:
+            m = re.match(r"^\s+(\w+)(?: \(.*?\))?:\s*(.*)$", line)
+            if m:
+                helps[m.group(1)] = m.group(2)
+            elif line.startswith((" ", "\t")) and helps:
+                helps[list(helps)[-1]] += " " + line.strip()
+            elif line.strip():
+                in_args = False
+    return helps
+
+
 def add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
     """Add a flag for every field of every dataclass parameter of ``fn`` (and its plain parameters)."""
+    helps = param_help(fn)
     for pname, tp, default in command_params(fn):
         if dataclasses.is_dataclass(tp):
             group = parser.add_argument_group(pname, (tp.__doc__ or "").strip().splitlines()[0])
@@ -181,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
                     f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
                 _add_field(group, f.name, hints[f.name], d, f.metadata.get("help", ""), f"{pname}.{f.name}")
         else:
-            _add_field(parser, pname, tp, default, "", pname)
+            _add_field(parser, pname, tp, default, helps.get(pname, ""), pname)
     parser.add_argument("--config", type=Path, metavar="YAML",
                         help="YAML recipe whose keys set these options; flags given here override it")
 
@@ -269,6 +291,7 @@ class ModelArgs:
     model: str = arg("Qwen/Qwen3-4B", "base model: a local directory or a hub id (downloaded into --models-dir/<id>)")
     adapter: list[str] = arg(factory=list, help="adapter directory; repeat the flag where several make sense")
     hub: Literal["modelscope", "hf"] = arg("modelscope", "hub a model id is downloaded from: ModelScope or Hugging Face")
+    revision: str | None = arg(None, "hub revision (branch, tag or commit) of --model; recorded in the adapter's manifest")
     profile: str | None = arg(None, "hardware profile (cpu, cuda-8gb, cuda-12gb, cuda-16gb, cuda-24gb, cuda-40gb+, multi-gpu); detected when omitted")
     quant: Literal["none", "int8", "nf4"] | None = arg(None, "quantisation of the base weights; overrides the profile's")
     models_dir: Path = arg(Path("models"), "where hub downloads are kept")
