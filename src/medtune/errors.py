@@ -15,4 +15,7 @@ class DataError(MedtuneError):
             where += f" [{field}]" if field else ""
             where += ": "
         super().__init__(where + message)
-        self.path, self.line, self.field = path, line, field
+        self.message, self.path, self.line, self.field = message, path, line, field
+
+    def __reduce__(self):  # keep path/line/field when raised in a worker process
+        return (type(self), (self.message, self.path, self.line, self.field))

@@ -1,0 +1,349 @@
+"""Cleaning, vectorised over Arrow arrays (RE2 regex kernels; Python only where no kernel exists).
+
+Normalisation (`normalise_text`), decided for Chinese medical text:
+
+* full-width letters, digits and symbols (Ａ１％＋…) become ASCII, and U+3000 and other Unicode spaces
+  become a plain space; the full-width punctuation that Chinese text uses (，。！？：；（）、“”…) stays;
+* ASCII ``, ? ! : ;`` next to a Chinese character become ``，？！：；`` and an ASCII ``.`` between two
+  Chinese characters (or ending the text after one) becomes ``。`` — so ``卫生.避免`` reads ``卫生。避免``
+  while ``6.1mmol`` and URLs keep theirs;
+* whitespace: runs become one space, line breaks are kept (one, without surrounding spaces), spaces
+  next to Chinese punctuation and at either end go; zero-width characters go;
+* runs of the same mark collapse (``。。`` → ``。``, ``，，`` → ``，``), a full stop absorbs commas next
+  to it (``，。`` → ``。``), and leading punctuation goes.
+
+Contact details are replaced, never dropped with their row: URLs → ``[网址]``, e-mail → ``[邮箱]``,
+phone numbers (mobile, landline, 400/800) → ``[电话]``, QQ numbers → ``[QQ号]``, WeChat ids → ``[微信号]``.
+
+Boilerplate is learned, not listed: answers are split into sentences (after ``。！？!?；;…`` and line
+breaks); a sentence (compared without surrounding punctuation and spaces) is boilerplate when it occurs
+in at least ``min_share`` of the distinct answers AND in at least ``min_count`` of them — the share makes
+the rule behave the same on 7,000 and 800,000 rows, the count keeps a tiny input from flagging every
+repeated sentence. Whole sentences are removed. `remove_boilerplate` applies the learned list to one
+generated answer, with the same sentence rule.
+
+    >>> remove_boilerplate("多喝水。祝您早日康复！", ["祝您早日康复！"])
+    '多喝水。'
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# ----------------------------------------------------------------------------- patterns
+
+# Full-width forms that become ASCII: everything in FF01-FF5E except the Chinese sentence punctuation.
+_KEEP_FULLWIDTH = "！（），：；？"
+FULLWIDTH_TABLE = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F) if chr(cp) not in _KEEP_FULLWIDTH}
+FULLWIDTH_TABLE.update({cp: 0x20 for cp in (0x3000, 0xA0, 0x202F, 0x205F, *range(0x2000, 0x200B))})
+# Zero-width and control characters (but tab and line breaks) go.
+FULLWIDTH_TABLE.update({cp: None for cp in (0x200B, 0x200C, 0x200D, 0xFEFF, 0x7F, *range(0x00, 0x09), 0x0B, 0x0C,
+                                            *range(0x0E, 0x20))})
+_FULLWIDTH_RE = ("[\\x{ff02}-\\x{ff07}\\x{ff0a}\\x{ff0b}\\x{ff0d}-\\x{ff19}\\x{ff1c}-\\x{ff1e}\\x{ff20}-\\x{ff5e}"
+                 "\\x{3000}\\x{a0}\\x{2000}-\\x{200d}\\x{202f}\\x{205f}\\x{feff}\\x{00}-\\x{08}\\x{0b}\\x{0c}"
+                 "\\x{0e}-\\x{1f}\\x{7f}]")
+CN_PUNCT = "，。！？；：、“”‘’（）《》【】…"
+_ASCII_TO_CN = {",": "，", "?": "？", "!": "！", ":": "：", ";": "；"}
+
+# Normalisation groups: (cheap pre-filter, regex steps). A group's steps run only on the rows its filter
+# selects — most rows need few of them — and all groups run only on rows `_NEEDS_NORMALISING` selects.
+_PUNCT_GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
+    *[(re.escape(a), [(f"(\\p{{Han}}) ?{re.escape(a)}|{re.escape(a)} ?(\\p{{Han}})", f"\\1{c}\\2")])
+      for a, c in _ASCII_TO_CN.items()],
+    (r"\.", [(r"(\p{Han})\.(\p{Han}|$)", r"\1。\2")]),
+    (r"\s", [
+        (r"\r\n?", "\n"),
+        (r"[ \t\f\v]+", " "),
+        (r" ?\n\s*", "\n"),
+        (f" +([{CN_PUNCT}])", r"\1"),
+        (f"([{CN_PUNCT}]) +", r"\1"),
+    ]),
+    (r"[，、；：。][，、；：。]|！！|？？", [
+        (r"[，、；：]*。[，、；：。]*", "。"),
+        (r"([，、；：])[，、；：]+", r"\1"),
+        (r"！{2,}", "！"),
+        (r"？{2,}", "？"),
+    ]),
+    (r"^[，。！？；：、）》】…\s]", [(r"^[，。！？；：、）》】…\s]+", "")]),
+]
+_NEEDS_NORMALISING = "|".join(f"(?:{f})" for f, _ in _PUNCT_GROUPS)
+
+PLACEHOLDERS = {"email": "[邮箱]", "url": "[网址]", "qq": "[QQ号]", "wechat": "[微信号]", "phone": "[电话]"}
+_SCRUB_STEPS: list[tuple[str, str]] = [
+    ("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+    ("url", r"(?i)(?:https?://|www\.)[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+"
+            r"|\b[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:com|cn|net|org|cc|info|top)\b(?:/[A-Za-z0-9\-._~/?#=&%]*)?"),
+    ("qq", r"(?i)(?:qq|扣扣|企鹅)(?:号码|号|群)?\s*[:：]?\s*\d{5,11}"),
+    ("wechat", r"(?i)(?:微信|weixin|wechat|vx|v信|薇信)(?:号|公众号)?\s*[:：]?\s*(?:[A-Za-z][-_A-Za-z0-9]{5,19}|\d{5,11})"),
+    ("phone", r"(?:\+?86[- ]?)?\b1[3-9]\d(?:[- ]?\d{4}){2}\b|\b0\d{2,3}[- ]?\d{7,8}\b|\b[48]00[- ]?\d{3}[- ]?\d{4}\b"),
+]
+_NEEDS_SCRUB = r"(?i)https?:|www\.|\.(?:com|cn|net|org|cc|info|top)\b|\d{5,}|\d{3,4}[- ]\d{3,}|qq|扣扣|企鹅|微信|weixin|wechat|vx|v信|薇信|@"
+
+SENTENCE_ENDS = "。！？!?；;…\n"
+_SENTENCE_RUN = f"([{SENTENCE_ENDS}]+)"
+_SENTENCE_RUN_PY = re.compile(f"([{re.escape(SENTENCE_ENDS)}]+)")
+_SEP = "\x1f"  # a control character: normalisation removes those, so it never occurs in cleaned text
+# A sentence's key: the sentence without surrounding punctuation and spaces.
+KEY_TRIM = SENTENCE_ENDS + CN_PUNCT + " \t,.:;'\"()[]<>-—~·*#"
+_TITLE_END = f"[{SENTENCE_ENDS}]$"
+_PUNCT_SPACE = r"[^\p{L}\p{N}]+"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _where(arr: pa.Array, pattern: str, fn) -> pa.Array:
+    """``fn`` applied to the rows matching ``pattern`` only (most steps touch a minority of rows)."""
+    mask = pc.match_substring_regex(arr, pattern)
+    hits = pc.sum(mask).as_py() or 0
+    if hits == 0:
+        return arr
+    if hits == len(arr):
+        return fn(arr)
+    return pc.replace_with_mask(arr, mask, fn(arr.filter(mask)))
+
+
+def _translate(arr: pa.Array) -> pa.Array:
+    # No Arrow kernel maps characters one-to-one; these rows are few, so Python's str.translate is fine.
+    return pa.array([s.translate(FULLWIDTH_TABLE) if s is not None else None for s in arr.to_pylist()], pa.string())
+
+
+def _steps(arr: pa.Array, steps: Sequence[tuple[str, str]]) -> pa.Array:
+    for pattern, repl in steps:
+        arr = pc.replace_substring_regex(arr, pattern, repl)
+    return arr
+
+
+# ----------------------------------------------------------------------------- per-row cleaning
+
+def normalise_text(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Whitespace, full-width characters and punctuation made consistent (rules in the module docstring)."""
+    arr = _flat(arr)
+    arr = _where(arr, _FULLWIDTH_RE, _translate)
+    arr = _where(arr, _NEEDS_NORMALISING, _punctuation)
+    return pc.utf8_trim_whitespace(arr)
+
+
+def _punctuation(arr: pa.Array) -> pa.Array:
+    for filter_, steps in _PUNCT_GROUPS:
+        arr = _where(arr, filter_, lambda a, steps=steps: _steps(a, steps))
+    return arr
+
+
+def scrub_contacts(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """URLs, e-mail addresses, phone numbers, QQ numbers and WeChat ids replaced by placeholders."""
+    return _where(_flat(arr), _NEEDS_SCRUB,
+                  lambda a: _steps(a, [(p, PLACEHOLDERS[kind]) for kind, p in _SCRUB_STEPS]))
+
+
+def count_placeholders(*arrays: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """How many of each scrub placeholder the arrays hold (for the manifest)."""
+    counts = dict.fromkeys(PLACEHOLDERS, 0)
+    for arr in arrays:
+        for chunk in _chunks(arr):
+            chunk = chunk.filter(pc.match_substring(chunk, "["))
+            for kind, ph in PLACEHOLDERS.items():
+                counts[kind] += int(pc.sum(pc.count_substring(chunk, ph)).as_py() or 0)
+    return counts
+
+
+def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return list(arr.chunks) if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
+def punctuation_free(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Letters and digits only (Chinese characters included): for punctuation-insensitive comparison."""
+    return pc.replace_substring_regex(_flat(arr), _PUNCT_SPACE, "")
+
+
+def merge_question(title: pa.Array, ask: pa.Array) -> pa.Array:
+    """``title`` + ``ask`` as one question; the title is left out when the ask already contains it.
+
+    Containment is compared on letters and digits only. A title that does not end a sentence is joined
+    with a line break.
+    """
+    title, ask = _flat(title), _flat(ask)
+    t_key, a_key = punctuation_free(title).to_pylist(), punctuation_free(ask).to_pylist()
+    # No Arrow kernel tests "column A within column B" row by row; `in` on short strings is cheap.
+    redundant = pa.array([not t or t in a for t, a in zip(t_key, a_key)], pa.bool_())
+    sep = pc.if_else(pc.match_substring_regex(title, _TITLE_END), "", "\n")
+    sep = pc.if_else(pc.equal(pc.utf8_length(ask), 0), "", sep)
+    joined = pc.binary_join_element_wise(title, sep, ask, "")
+    return pc.if_else(redundant, ask, joined)
+
+
+def normalise_table(raw: pa.Table, scrub: bool = True) -> pa.Table:
+    """The raw rows plus ``question`` and ``clean_answer``: normalised, contacts scrubbed, title merged.
+
+    Row-local, so it runs where each file is read (in the load workers).
+    """
+    def one(col: str) -> pa.Array:
+        arr = normalise_text(raw.column(col))
+        return scrub_contacts(arr) if scrub else arr
+
+    question = merge_question(one("title"), one("ask"))
+    return raw.append_column("question", question).append_column("clean_answer", one("answer"))
+
+
+# ----------------------------------------------------------------------------- sentences and boilerplate
+
+def _sentences(arr: pa.Array) -> pa.ListArray:
+    return pc.split_pattern(pc.replace_substring_regex(arr, _SENTENCE_RUN, "\\1" + _SEP), _SEP)
+
+
+def sentence_key(arr: pa.Array) -> pa.Array:
+    """The comparison key of each sentence: stripped of surrounding punctuation and spaces."""
+    return pc.utf8_trim(arr, characters=KEY_TRIM)
+
+
+def split_sentences(text: str) -> list[str]:
+    """One text's sentences, each with its ending marks (the Python twin of the Arrow split)."""
+    return [s for s in _SENTENCE_RUN_PY.sub("\\1" + _SEP, text).split(_SEP) if s]
+
+
+def sentence_counts(answers: pa.Array | pa.ChunkedArray, answer_ids: pa.Array | None = None,
+                    min_answers: int = 1, min_chars: int = 2) -> tuple[pa.Table, int]:
+    """(table of sentence ``key`` → ``answers`` holding it, for keys in ≥ ``min_answers``; distinct answers).
+
+    ``answer_ids`` (e.g. fingerprints) identify copies of one answer, which count once; by default the
+    answers are compared as strings.
+    """
+    answers = _flat(answers)
+    if answer_ids is None:
+        answer_ids = pc.dictionary_encode(answers).indices
+    answer_ids = _flat(answer_ids)
+    distinct = len(pc.unique(answer_ids))
+    pieces = _sentences(answers)
+    keys = sentence_key(pc.list_flatten(pieces))
+    t = pa.table({"key": keys, "answer": pc.take(answer_ids, pc.list_parent_indices(pieces))})
+    t = t.filter(pc.greater_equal(pc.utf8_length(keys), min_chars))
+    counts = t.group_by("key").aggregate([("answer", "count_distinct")]).rename_columns(["key", "answers"])
+    if min_answers > 1:
+        counts = counts.filter(pc.greater_equal(counts["answers"], min_answers))
+    return counts, distinct
+
+
+def boilerplate_from_counts(parts: Sequence[pa.Table], answers: int, min_share: float = 0.003,
+                            min_count: int = 10) -> list[dict]:
+    """Merge per-part `sentence_counts` and keep the keys frequent enough; most frequent first.
+
+    A part may leave out keys below ``ceil(min_count / parts)`` answers: a key that reaches
+    ``min_count`` overall reaches that in at least one part.
+    """
+    if answers == 0 or not parts:
+        return []
+    counts = pa.concat_tables(parts)
+    if len(parts) > 1:
+        counts = counts.group_by("key").aggregate([("answers", "sum")]).rename_columns(["key", "answers"])
+    need = max(min_count, math.ceil(min_share * answers))
+    frequent = counts.filter(pc.greater_equal(counts["answers"], need)).to_pylist()
+    out = [{"sentence": f["key"], "count": int(f["answers"]), "share": round(f["answers"] / answers, 6)}
+           for f in frequent]
+    return sorted(out, key=lambda e: (-e["count"], e["sentence"]))
+
+
+def learn_boilerplate(answers: pa.Array | pa.ChunkedArray, min_share: float = 0.003, min_count: int = 10) -> list[dict]:
+    """Sentences found in ≥ ``min_share`` (and ≥ ``min_count``) of the distinct answers, most frequent first.
+
+    Each entry: ``sentence`` (without surrounding punctuation), ``count`` (answers), ``share``.
+    """
+    counts, distinct = sentence_counts(answers)
+    return boilerplate_from_counts([counts], distinct, min_share, min_count)
+
+
+def strip_boilerplate(answers: pa.Array | pa.ChunkedArray, phrases: Iterable[str],
+                      threads: int = 2) -> tuple[pa.ChunkedArray, dict[str, int]]:
+    """Remove whole sentences whose key is one of ``phrases``' keys; also how often each key was removed.
+
+    Works chunk by chunk (on ``threads`` threads: Arrow's kernels release the GIL).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = sorted({k for k in (_key(p) for p in phrases) if k})
+    chunks = _chunks(answers)
+    if not keys:
+        return pa.chunked_array(chunks, pa.string()), {}
+    value_set = pa.array(keys, pa.string())
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        done = list(pool.map(lambda c: _strip_chunk(c, value_set), chunks))
+    removed: dict[str, int] = {}
+    for _, counts in done:
+        for k, v in counts.items():
+            removed[k] = removed.get(k, 0) + v
+    return pa.chunked_array([c for c, _ in done], pa.string()), removed
+
+
+def _strip_chunk(answers: pa.Array, value_set: pa.Array) -> tuple[pa.Array, dict[str, int]]:
+    hit = _where_mask(answers, value_set)
+    if hit is None:
+        return answers, {}
+    mask, sub = hit
+    pieces = _sentences(sub)
+    flat = pc.list_flatten(pieces)
+    parent = pc.list_parent_indices(pieces).to_numpy()
+    keys = sentence_key(flat)
+    drop = pc.is_in(keys, value_set=value_set)
+    dropped = pc.value_counts(keys.filter(drop)).to_pylist()
+    keep = pc.invert(drop)
+    counts = np.bincount(parent[keep.to_numpy(zero_copy_only=False)], minlength=len(sub))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    joined = pc.utf8_trim_whitespace(pc.binary_join(pa.ListArray.from_arrays(offsets, flat.filter(keep)), ""))
+    return pc.replace_with_mask(answers, mask, joined), {d["values"]: int(d["counts"]) for d in dropped}
+
+
+def _where_mask(answers: pa.Array, value_set: pa.Array) -> tuple[pa.Array, pa.Array] | None:
+    """Rows that contain any boilerplate key as a substring (cheap pre-filter), and those rows."""
+    keys = value_set.to_pylist()
+    if len(keys) <= 500:
+        pattern = "|".join(re.escape(k) for k in keys)
+        mask = pc.match_substring_regex(answers, pattern)
+    else:
+        mask = pa.repeat(True, len(answers))  # a huge alternation costs more than splitting everything
+    if not pc.any(mask).as_py():
+        return None
+    return mask, answers.filter(mask)
+
+
+def _key(sentence: str) -> str:
+    return sentence.strip(KEY_TRIM)
+
+
+def remove_boilerplate(text: str, phrases: Iterable[str]) -> str:
+    """``text`` without its sentences that are boilerplate (``phrases``: learned sentences or their keys).
+
+    Later stages pass a generated answer and the list from ``boilerplate.json``.
+    """
+    keys = phrases if isinstance(phrases, (set, frozenset)) else {_key(p) for p in phrases}
+    kept = [s for s in split_sentences(text) if _key(s) not in keys]
+    return "".join(kept).strip()
+
+
+def load_boilerplate(path) -> list[str]:
+    """The learned sentences from a ``boilerplate.json`` written by `medtune data prepare`."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [e["sentence"] for e in data.get("sentences", [])]
+
+
+# ----------------------------------------------------------------------------- lengths
+
+def lengths(arr: pa.Array | pa.ChunkedArray, count_tokens: Callable[[list[str]], list[int]] | None = None,
+            batch_size: int = 4096) -> np.ndarray:
+    """Characters per row, or tokens when ``count_tokens`` (a batch tokenizer) is given."""
+    if count_tokens is None:
+        return pc.utf8_length(arr).to_numpy(zero_copy_only=False)
+    out = np.empty(len(arr), dtype=np.int64)
+    for start in range(0, len(arr), batch_size):
+        batch = arr.slice(start, batch_size).to_pylist()
+        out[start:start + len(batch)] = count_tokens(batch)
+    return out

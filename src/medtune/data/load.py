@@ -1,0 +1,642 @@
+"""Read a medical QA corpus into one Arrow table of raw rows (the contract in `medtune.data`).
+
+Accepted inputs:
+
+* the Toyhom six-folder layout: ``Data_数据/`` (or its parent) holding ``Andriatria_男科``, ``IM_内科``, …
+  with CSVs; the folder gives the top-level department, the CSV's ``department`` column the sub-department;
+* one CSV, or a directory of CSV / JSONL files (the top-level department comes from ``--department``);
+* the user's own JSONL: alpaca ``instruction/input/output`` (optional ``system``, ``history``), chat
+  ``messages`` (``role``/``content``) or ShareGPT ``conversations`` (``from``/``value``), one record per
+  line, optional ``department`` / ``sub_department`` keys. A multi-turn conversation becomes one record:
+  its last user/assistant pair is the question and answer, earlier turns go to ``history`` (JSON) and
+  its own system message to ``system``. A ``.json`` file may also hold a JSON array of such records
+  (``source_line`` is then the item's 1-based index).
+
+CSV columns: ``ask`` and ``answer`` are required, ``title`` and ``department`` optional (header names
+are matched case-insensitively). Each file's encoding is detected on its own (`TextStream`): a UTF-8
+BOM, UTF-8, else GB18030 (a superset of GBK and GB2312). A file is decoded as it is read and parsed in
+batches of `BATCH_ROWS` records with Python's `csv` module (which reports the line each record starts
+on), in worker processes when there are several files; a ``transform`` may process each batch there.
+
+Bad input: an error naming the file and line (`DataError`) where the file cannot be read as a whole —
+empty or binary file, undecodable text, a missing column, an unclosed quote swallowing the rest of the
+file, a file with no usable row, a directory with no CSV/JSONL — and a per-row reject with its reason
+where the rest of the file is fine (wrong field count, broken quoting, a few undecodable bytes, a bad
+JSON line, an unknown record format, a malformed conversation).
+
+    >>> res = load(Path("../shared/data/toyhom_neike_sample.csv"))   # doctest: +SKIP
+    >>> res.table.num_rows, res.files[0].encoding                       # doctest: +SKIP
+    (7644, 'gb18030')
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import dataclasses
+import functools
+import hashlib
+import io
+import itertools
+import json
+import logging
+import re
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from medtune.data import TOP_DEPARTMENTS
+from medtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STRING_COLUMNS = ("title", "ask", "answer", "department", "sub_department", "system", "history", "source_file")
+RAW_TEXT = ("title", "ask", "answer")  # the original texts (spilled apart, see `read_file`)
+RAW_SCHEMA = pa.schema([(c, pa.string()) for c in STRING_COLUMNS] + [("source_line", pa.int64())])
+DATA_DIR = "Data_数据"
+CSV_SUFFIXES = (".csv",)
+JSON_SUFFIXES = (".jsonl", ".json")
+REQUIRED_CSV = ("ask", "answer")
+OPTIONAL_CSV = ("title", "department")
+MAX_RAW_CHARS = 2000         # raw text kept in a reject
+MAX_BAD_BYTES = 10           # more undecodable bytes than this (or 0.1% of lines) fail the whole file
+BATCH_ROWS = 20_000          # rows parsed (and transformed) at a time: bounds a worker's memory
+PARALLEL_MIN_BYTES = 8 << 20  # below this much input a process pool costs more than it saves
+USER_ROLES = {"user", "human"}
+ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot", "chatgpt"}
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+Transform = Callable[[pa.Table], "pa.Table | tuple[pa.Table, Any]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    """One input file: where it is, the name rows cite (``source_file``) and its top-level department."""
+
+    path: Path
+    name: str
+    department: str
+
+    @property
+    def kind(self) -> str:
+        return "csv" if self.path.suffix.lower() in CSV_SUFFIXES else "json"
+
+
+@dataclasses.dataclass
+class FileResult:
+    """What one file gave: its rows, its per-row rejects, and facts for the manifest."""
+
+    file: SourceFile
+    table: pa.Table | None  # None while it lies in ``spill`` (in a worker)
+    rejects: list[dict]
+    sha256: str
+    encoding: str
+    bytes: int
+    extras: list = dataclasses.field(default_factory=list)  # what ``transform`` returned besides the tables
+    spill: Path | None = None
+    rows: int = 0  # rows parsed (not rejected)
+
+    @property
+    def rows_read(self) -> int:
+        return self.rows + len(self.rejects)
+
+    def describe(self) -> dict:
+        return {"path": str(self.file.path), "name": self.file.name, "department": self.file.department,
+                "sha256": self.sha256, "encoding": self.encoding, "bytes": self.bytes,
+                "rows_read": self.rows_read, "rows_parsed": self.rows, "rows_rejected": len(self.rejects)}
+
+
+@dataclasses.dataclass
+class LoadResult:
+    table: pa.Table | None    # RAW_SCHEMA (+ whatever columns ``transform`` added); None: left in the spills
+    rejects: list[dict]       # reason, source_file, source_line, detail, raw
+    files: list[FileResult]
+
+    @property
+    def rows_read(self) -> int:
+        return sum(f.rows_read for f in self.files)
+
+
+# ----------------------------------------------------------------------------- finding the files
+
+def _six_folder_root(path: Path) -> Path | None:
+    """The directory holding the department folders, if ``path`` is the layout or its parent."""
+    for root in (path, path / DATA_DIR):
+        if root.is_dir() and any((root / name).is_dir() for name in TOP_DEPARTMENTS):
+            return root
+    return None
+
+
+def discover(input: Path, department: str | None = None) -> list[SourceFile]:
+    """The files to read under ``input`` (a file or a directory), in a stable order."""
+    input = Path(input)
+    if not input.exists():
+        raise DataError("no such file or directory", input)
+    if input.is_file():
+        if input.suffix.lower() not in CSV_SUFFIXES + JSON_SUFFIXES:
+            raise DataError(f"unsupported file type {input.suffix or '(none)'!r}; expected .csv, .jsonl or .json", input)
+        return [SourceFile(input, input.name, department or "")]
+    root = _six_folder_root(input)
+    if root is not None:
+        if department:
+            log.warning("--department %s ignored: the department folders name the departments", department)
+        files = []
+        for folder, top in TOP_DEPARTMENTS.items():
+            for p in sorted((root / folder).rglob("*")) if (root / folder).is_dir() else []:
+                if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES:
+                    files.append(SourceFile(p, p.relative_to(root.parent).as_posix(), top))
+        if not files:
+            raise DataError(f"the department folders hold no CSV or JSONL files (expected one CSV in each of "
+                            f"{', '.join(TOP_DEPARTMENTS)})", root)
+        return files
+    files = [SourceFile(p, p.relative_to(input).as_posix(), department or "")
+             for p in sorted(input.rglob("*")) if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES]
+    if not files:
+        raise DataError("directory holds no CSV (.csv) or JSONL (.jsonl/.json) files", input)
+    return files
+
+
+# ----------------------------------------------------------------------------- decoding
+
+class TextStream:
+    """A file's lines (with their line feeds), decoded while it is read; its sha256 and size on the way.
+
+    The encoding is settled before the first line: a UTF-8 BOM means UTF-8; otherwise UTF-8 unless more
+    than a few bytes fail to decode as UTF-8 (GB18030 text fails on nearly every Chinese character, so
+    a quick scan tells them apart), else GB18030. Undecodable bytes stay in the text as surrogate
+    escapes: the rows holding them are rejected, and too many of them fail the whole file.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(self.CHUNK)
+        if not head.strip() and self.size <= self.CHUNK:
+            raise DataError("empty file", self.path)
+        if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            raise DataError("UTF-16 text is not supported; save the file as UTF-8 or GB18030", self.path)
+        self.limit = max(MAX_BAD_BYTES, self.size // 100_000)  # undecodable bytes tolerated (as rejects)
+        self.encoding = "utf-8-sig" if head.startswith(codecs.BOM_UTF8) else self._sniff()
+        self.sha256 = hashlib.sha256()
+        self._hashed = False
+        self.bad = 0
+        self.first_bad_line: int | None = None
+
+    def _chunks(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            while chunk := f.read(self.CHUNK):
+                yield chunk
+
+    def _sniff(self) -> str:
+        decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        bad = 0
+        for chunk in self._chunks():
+            bad += len(_SURROGATE.findall(decoder.decode(chunk)))
+            if bad > self.limit:
+                return "gb18030"
+        return "utf-8"
+
+    def __iter__(self) -> Iterator[str]:
+        # Lines come from io.StringIO in C (line ends as the csv module expects: \n, \r\n or \r); only a
+        # piece of text holding undecodable bytes is walked line by line in Python.
+        return itertools.chain.from_iterable(self._pieces())
+
+    def _pieces(self) -> Iterator[Iterator[str]]:
+        decoder = codecs.getincrementaldecoder(self.encoding)("surrogateescape")
+        first_pass = not self._hashed
+        carry, offset, newlines = "", 0, 0
+        for chunk in self._chunks():
+            if first_pass:
+                self.sha256.update(chunk)
+            nul = chunk.find(b"\x00")
+            if nul >= 0:  # (a line feed byte never occurs inside a UTF-8 or GB18030 character)
+                raise DataError(f"binary file (NUL byte at offset {offset + nul}); expected a UTF-8 or GB18030 "
+                                "text file", self.path, newlines + chunk.count(b"\n", 0, nul) + 1)
+            offset += len(chunk)
+            newlines += chunk.count(b"\n")
+            text = carry + decoder.decode(chunk)
+            cut = text.rfind("\n") + 1
+            carry = text[cut:]
+            yield self._lines(text[:cut], newlines - text.count("\n", 0, cut) - carry.count("\n"))
+        rest = carry + decoder.decode(b"", final=True)
+        if rest:
+            yield self._lines(rest, newlines - rest.count("\n"))
+        self._hashed = True
+        if self.bad > self.limit:
+            raise DataError(f"undecodable bytes: {self.bad} bytes are not valid {self.encoding} (re-save the file "
+                            "as UTF-8)", self.path, self.first_bad_line)
+
+    def _lines(self, text: str, before: int) -> Iterator[str]:
+        if _SURROGATE.search(text) is None:
+            return io.StringIO(text, newline="")
+        return self._checked(text, before)
+
+    def _checked(self, text: str, before: int) -> Iterator[str]:
+        for number, line in enumerate(io.StringIO(text, newline=""), before + 1):
+            if _SURROGATE.search(line):
+                self.bad += len(_SURROGATE.findall(line))
+                self.first_bad_line = self.first_bad_line or number
+            yield line
+
+    def lines(self, spans: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        """The text of lines ``first..last`` (1-based, inclusive) for each span, read again from the file."""
+        want: dict[int, list[tuple[int, int]]] = {}
+        for span in spans:
+            for n in range(span[0], span[1] + 1):
+                want.setdefault(n, []).append(span)
+        found: dict[tuple[int, int], list[str]] = {span: [] for span in spans}
+        last = max((b for _, b in spans), default=0)
+        for n, line in enumerate(self, 1):
+            for span in want.get(n, ()):
+                found[span].append(line)
+            if n >= last:
+                break
+        return {span: "".join(parts)[:MAX_RAW_CHARS] for span, parts in found.items()}
+
+
+def _bad_bytes(text: str) -> str:
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in _SURROGATE.findall(text)[:8])
+
+
+def _reject(src: SourceFile, line: int, reason: str, detail: str, raw: str | tuple[int, int] = "") -> dict:
+    """A per-row reject; ``raw`` is its text, or the (first, last) lines it spans, read back later."""
+    return {"reason": reason, "source_file": src.name, "source_line": line, "detail": detail, "raw": raw}
+
+
+def _csv_batches(src: SourceFile, stream: TextStream, rejects: list[dict]) -> Iterator[pa.Table]:
+    """Raw-row tables of at most `BATCH_ROWS` rows; unparseable records go to ``rejects``."""
+    reader = csv.reader(stream, strict=True)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as e:
+        raise DataError(f"cannot read the CSV header: {e}", src.path, 1) from None
+    names = [h.strip().lstrip("\ufeff").lower() for h in header]
+    for col in REQUIRED_CSV:
+        if col not in names:
+            raise DataError(f"missing column {col!r}: the header is {','.join(header)!r}; expected "
+                            "department,title,ask,answer", src.path, 1, col)
+    width = len(names)
+    rows: list[list[str]] = []
+    starts: list[int] = []
+    prev = reader.line_num
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            start, prev = prev + 1, reader.line_num
+            if str(e) == "unexpected end of data":
+                raise DataError(f"broken quoting: the quoted field that starts on line {start} is never closed "
+                                f"(it runs to the end of the file, line {prev})", src.path, start) from None
+            span = f"lines {start}-{prev}" if prev > start else f"line {start}"
+            rejects.append(_reject(src, start, "broken_quoting", f"CSV quoting error on {span}: {e}", (start, prev)))
+            continue
+        start, prev = prev + 1, reader.line_num
+        if len(rec) == width:
+            rows.append(rec)
+            starts.append(start)
+            if len(rows) == BATCH_ROWS:
+                yield _csv_table(src, names, rows, starts, stream.bad, rejects)
+                rows, starts = [], []
+        elif not rec:
+            pass  # a blank line is not a row
+        elif prev > start:  # a stray quote made one record of several lines
+            rejects.append(_reject(src, start, "broken_quoting",
+                                   f"a quoted field spans lines {start}-{prev} and leaves {len(rec)} fields "
+                                   f"instead of {width}", (start, prev)))
+        else:
+            rejects.append(_reject(src, start, "wrong_field_count", f"{len(rec)} fields, expected {width}",
+                                   (start, prev)))
+    if rows:
+        yield _csv_table(src, names, rows, starts, stream.bad, rejects)
+
+
+def _csv_table(src: SourceFile, names: list[str], rows: list[list[str]], starts: list[int], bad_bytes: int,
+               rejects: list[dict]) -> pa.Table:
+    if bad_bytes:
+        rows, starts = _drop_undecodable(src, rows, starts, rejects, lambda r: "".join(r))
+    n = len(rows)
+    cols = list(zip(*rows)) if rows else [()] * len(names)
+
+    def col(name: str) -> pa.Array:
+        return pa.array(cols[names.index(name)], pa.string()) if name in names else pa.repeat("", n)
+
+    return pa.table({
+        "title": col("title"), "ask": col("ask"), "answer": col("answer"),
+        "department": pa.repeat(src.department, n), "sub_department": col("department"),
+        "system": pa.repeat("", n), "history": pa.repeat("[]", n), "source_file": pa.repeat(src.name, n),
+        "source_line": pa.array(starts, pa.int64()),
+    }, schema=RAW_SCHEMA)
+
+
+def _drop_undecodable(src: SourceFile, rows: list, starts: list[int], rejects: list[dict],
+                      text_of: Callable[[Any], str]) -> tuple[list, list[int]]:
+    keep_rows, keep_starts = [], []
+    for rec, start in zip(rows, starts):
+        text = text_of(rec)
+        if _SURROGATE.search(text):
+            rejects.append(_reject(src, start, "undecodable", f"bytes that are not valid text: {_bad_bytes(text)}",
+                                   _SURROGATE.sub("\ufffd", text)[:MAX_RAW_CHARS]))
+        else:
+            keep_rows.append(rec)
+            keep_starts.append(start)
+    return keep_rows, keep_starts
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+class _BadRecord(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _text(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _BadRecord("bad_conversation", f"{where} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _from_turns(turns: Any, role_key: str, content_key: str, key: str) -> tuple[str, str, str, list[dict]]:
+    """(system, question, answer, history) from a list of turns; the last user/assistant pair is the record."""
+    if not isinstance(turns, list) or not turns:
+        raise _BadRecord("bad_conversation", f"{key!r} must be a non-empty list of turns")
+    msgs = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise _BadRecord("bad_conversation", f"{key}[{i}] is not an object")
+        role = str(t.get(role_key, "")).strip().lower()
+        role = "user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else role
+        if role not in ("system", "user", "assistant"):
+            raise _BadRecord("bad_conversation", f"{key}[{i}] has unknown role {t.get(role_key)!r}")
+        msgs.append({"role": role, "content": _text(t.get(content_key), f"{key}[{i}].{content_key}")})
+    system = ""
+    if msgs[0]["role"] == "system":
+        system = msgs.pop(0)["content"]
+    if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
+        raise _BadRecord("bad_conversation", "the conversation must end with a user turn followed by an assistant turn")
+    history = msgs[:-2]
+    for i, m in enumerate(history):
+        if m["role"] != ("user", "assistant")[i % 2]:
+            raise _BadRecord("bad_conversation", "earlier turns must alternate user, assistant (a system message may only come first)")
+    return system, msgs[-2]["content"], msgs[-1]["content"], history
+
+
+def parse_record(obj: Any) -> dict[str, str]:
+    """One JSON record (alpaca, messages or ShareGPT) as raw-row fields; raises `_BadRecord`."""
+    if not isinstance(obj, dict):
+        raise _BadRecord("unknown_format", f"a JSON {type(obj).__name__}, expected an object")
+    if "messages" in obj:
+        system, question, answer, history = _from_turns(obj["messages"], "role", "content", "messages")
+    elif "conversations" in obj:
+        system, question, answer, history = _from_turns(obj["conversations"], "from", "value", "conversations")
+    elif "instruction" in obj and "output" in obj:
+        instruction, extra = _text(obj["instruction"], "instruction"), _text(obj.get("input"), "input")
+        question = f"{instruction}\n{extra}" if instruction.strip() and extra.strip() else instruction + extra
+        answer, system = _text(obj["output"], "output"), _text(obj.get("system"), "system")
+        history = []
+        for i, pair in enumerate(obj.get("history") or []):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise _BadRecord("bad_conversation", f"history[{i}] must be a [question, answer] pair")
+            history += [{"role": "user", "content": _text(pair[0], f"history[{i}][0]")},
+                        {"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")}]
+    else:
+        raise _BadRecord("unknown_format", f"keys {sorted(obj)[:8]}; expected alpaca (instruction/input/output), "
+                                           "chat (messages) or ShareGPT (conversations)")
+    rec = {"title": "", "ask": question, "answer": answer, "system": system,
+           "history": json.dumps(history, ensure_ascii=False)}
+    for key in ("department", "sub_department"):
+        if isinstance(obj.get(key), str):
+            rec[key] = obj[key]
+    return rec
+
+
+def _json_items(src: SourceFile, stream: TextStream) -> Iterator[tuple[int, str, Any]]:
+    """(line, raw text, parsed object or the JSON error) per record."""
+    lines = iter(stream)
+    first = next(lines, "")
+    if src.path.suffix.lower() == ".json" and first.lstrip("\ufeff \t\r\n").startswith("["):
+        text = first + "".join(lines)  # a JSON array is read whole
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON: {e.msg}", src.path, e.lineno) from None
+        for i, obj in enumerate(items, 1):
+            yield i, "", obj
+        return
+    for i, line in enumerate(itertools.chain([first.lstrip("\ufeff")], lines), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, line.rstrip("\r\n"), json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, line.rstrip("\r\n"), e
+
+
+def _json_batches(src: SourceFile, stream: TextStream, rejects: list[dict]) -> Iterator[pa.Table]:
+    recs: list[dict] = []
+    starts: list[int] = []
+    for line, raw, obj in _json_items(src, stream):
+        if isinstance(obj, json.JSONDecodeError):
+            rejects.append(_reject(src, line, "bad_json", f"not valid JSON: {obj.msg} (column {obj.colno})",
+                                   raw[:MAX_RAW_CHARS]))
+            continue
+        try:
+            recs.append(parse_record(obj))
+            starts.append(line)
+        except _BadRecord as e:
+            rejects.append(_reject(src, line, e.reason, str(e), (raw or json.dumps(obj, ensure_ascii=False))[:MAX_RAW_CHARS]))
+        if len(recs) == BATCH_ROWS:
+            yield _json_table(src, recs, starts, stream.bad, rejects)
+            recs, starts = [], []
+    if recs:
+        yield _json_table(src, recs, starts, stream.bad, rejects)
+
+
+def _json_table(src: SourceFile, recs: list[dict], starts: list[int], bad_bytes: int, rejects: list[dict]) -> pa.Table:
+    if bad_bytes:
+        recs, starts = _drop_undecodable(src, recs, starts, rejects, lambda r: "".join(r.values()))
+    n = len(recs)
+    columns = {c: pa.array([r.get(c, "") for r in recs], pa.string())
+               for c in ("title", "ask", "answer", "sub_department", "system", "history")}
+    columns["department"] = pa.array([r.get("department") or src.department for r in recs], pa.string())
+    columns["source_file"] = pa.repeat(src.name, n)
+    columns["source_line"] = pa.array(starts, pa.int64())
+    return pa.table({f.name: columns[f.name] for f in RAW_SCHEMA}, schema=RAW_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- one file, many files
+
+def read_file(src: SourceFile, transform: Transform | None = None, spill: Path | None = None) -> FileResult:
+    """Parse one file in batches (in a worker process when there are several files).
+
+    ``transform`` runs on each batch where it was parsed; it returns the new table or (table, extra), and
+    extras are kept in `FileResult.extras` (merged by ``transform.combine`` when it has one). With
+    ``spill``, the batches are written there as an Arrow IPC file instead of being returned, so a worker
+    holds one batch at a time and the parent maps the file without copying it.
+    """
+    stream = TextStream(src.path)
+    rejects: list[dict] = []
+    batches = (_csv_batches if src.kind == "csv" else _json_batches)(src, stream, rejects)
+    tables: list[pa.Table] = []
+    extras: list = []
+    writers: list = []
+    rows = 0
+    try:
+        for raw in batches:
+            out = raw
+            if transform is not None:
+                out = transform(raw)
+                if isinstance(out, tuple):
+                    out, extra = out
+                    extras.append(extra)
+            rows += out.num_rows
+            _trim()
+            if spill is None:
+                tables.append(out)
+                continue
+            # The original texts go to a file of their own: they are read again only for rejected rows.
+            parts = (out.drop_columns(list(RAW_TEXT)), out.select(list(RAW_TEXT)))
+            if not writers:
+                writers = [pa.ipc.new_file(str(path), part.schema) for path, part in zip(spill_paths(spill), parts)]
+            for writer, part in zip(writers, parts):
+                writer.write_table(part)
+    finally:
+        for writer in writers:
+            writer.close()
+    spans = [r["raw"] for r in rejects if isinstance(r["raw"], tuple)]
+    if spans:
+        texts = stream.lines(spans)
+        for r in rejects:
+            if isinstance(r["raw"], tuple):
+                r["raw"] = texts[r["raw"]]
+    release_memory()
+    if rows == 0:
+        if rejects:
+            first = rejects[0]
+            raise DataError(f"no usable rows: {len(rejects)} rejected, the first for {first['reason']} "
+                            f"({first['detail']})", src.path, first["source_line"])
+        raise DataError("no data rows" + (" (only a header)" if src.kind == "csv" else ""), src.path)
+    if extras and hasattr(transform, "combine"):
+        extras = [transform.combine(extras)]
+    table = None if spill is not None else (pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+    return FileResult(src, table, rejects, stream.sha256.hexdigest(), stream.encoding, stream.size, extras, spill, rows)
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS (a worker's resident size counts while it waits for the next file)."""
+    import gc
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    _trim()
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def _trim() -> None:
+    """glibc keeps freed heap pages (numpy temporaries, Python strings of a batch): return them."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def load(input: Path, department: str | None = None, *, executor: Executor | None = None,
+         transform: Transform | None = None, spill_dir: Path | None = None, read_spills: bool = True,
+         on_file: Callable[[FileResult], None] | None = None) -> LoadResult:
+    """Read every file under ``input``; with an ``executor`` (a process pool) files are parsed in parallel.
+
+    ``transform`` (a picklable function of a table) is applied to each batch of rows where they were
+    read, so row-local cleaning shares the parallelism. With ``spill_dir``, each file's rows go to Arrow
+    IPC files there (`spill_paths`); they are read back into the returned table unless ``read_spills``
+    is false (then the table is None: read the columns you need with `read_ipc` / `ipc_batches`).
+    """
+    files = discover(input, department)
+    spills = [None if spill_dir is None else Path(spill_dir) / f"part-{i:04d}.arrow" for i in range(len(files))]
+    if executor is None or len(files) == 1:
+        results = []
+        for f, spill in zip(files, spills):
+            results.append(read_file(f, transform, spill))
+            if on_file:
+                on_file(results[-1])
+    else:
+        results = _read_parallel(files, spills, executor, transform, on_file)
+    if spill_dir is not None and not read_spills:
+        return LoadResult(None, [rej for r in results for rej in r.rejects], results)
+    for r in results:
+        if r.spill is not None:
+            main, raw = (read_ipc(p) for p in spill_paths(r.spill))
+            for name in RAW_TEXT:
+                main = main.append_column(name, raw[name])
+            r.table = main
+    tables = [r.table for r in results]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    rejects = [rej for r in results for rej in r.rejects]
+    return LoadResult(table, rejects, results)
+
+
+def read_ipc(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """An Arrow IPC file's ``columns`` (all by default), read into memory (only those columns' bytes)."""
+    return pa.concat_tables(list(ipc_batches(path, columns)))
+
+
+def ipc_batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """An Arrow IPC file's record batches, one table at a time, with only ``columns`` read from disk.
+
+    Read, not mapped: a mapped page stays in the process's resident memory once touched.
+    """
+    with pa.OSFile(str(path)) as f:
+        schema = pa.ipc.open_file(f).schema
+        options = None
+        if columns is not None:
+            options = pa.ipc.IpcReadOptions(included_fields=[schema.get_field_index(c) for c in columns])
+        reader = pa.ipc.open_file(f, options=options)
+        if reader.num_record_batches == 0:
+            yield (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
+        for i in range(reader.num_record_batches):
+            t = pa.Table.from_batches([reader.get_batch(i)])
+            yield t if columns is None else t.select(columns)
+
+
+def _read_parallel(files: list[SourceFile], spills: list, executor: Executor, transform, on_file) -> list[FileResult]:
+    # Largest files first so the workers finish together; results come back in input order.
+    order = sorted(range(len(files)), key=lambda i: -files[i].path.stat().st_size)
+    out: list[FileResult | None] = [None] * len(files)
+    futures = {executor.submit(read_file, files[i], transform, spills[i]): i for i in order}
+    try:
+        for fut in as_completed(futures):
+            out[futures[fut]] = fut.result()
+            if on_file:
+                on_file(out[futures[fut]])
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+    return out
+
+
+def spill_paths(spill: Path) -> tuple[Path, Path]:
+    """The two Arrow files of a spilled file: every column but the original texts, and those texts."""
+    return spill, spill.with_suffix(".raw.arrow")
+
+
+def process_pool(workers: int) -> Executor:
+    """A pool of fresh interpreters (spawned, not forked: the parent may hold Arrow/Rayon threads)."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))

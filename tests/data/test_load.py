@@ -1,0 +1,223 @@
+"""Loading: the six-folder layout, single CSVs, JSONL formats, encodings, and every kind of bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medtune.data import TOP_DEPARTMENTS
+from medtune.data.load import RAW_SCHEMA, discover, load, process_pool
+from medtune.errors import DataError
+
+ROWS = [["心血管科", "高血压能吃党参吗", "我有高血压，能吃党参吗？", "可以适量食用党参，注意监测血压。"],
+        ["消化科", "胃痛怎么办", "最近胃痛，吃饭后更明显", "建议少食多餐，必要时做胃镜检查。"],
+        ["神经科", "头痛", "经常头痛失眠", "注意休息，规律作息，必要时就医。"]]
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def test_six_folder_layout_from_the_folder_or_its_parent(six_folder_root: Path, sample_rows):
+    for path in (six_folder_root, six_folder_root.parent):
+        res = load(path, department="ignored")
+        t = res.table
+        assert t.schema == RAW_SCHEMA
+        assert t.num_rows == res.rows_read == len(sample_rows)
+        assert sorted(set(t["department"].to_pylist())) == sorted(TOP_DEPARTMENTS.values())
+        assert set(t["sub_department"].to_pylist()) == {r[0] for r in sample_rows}
+        assert all(f.encoding == "gb18030" for f in res.files) and len(res.files) == 6
+    first = [r for r in t.to_pylist() if r["source_file"] == "Data_数据/Andriatria_男科/男科.csv"]
+    assert [(r["sub_department"], r["title"], r["ask"], r["answer"]) for r in first] == [tuple(r) for r in sample_rows[0::6]]
+
+
+def test_source_lines_point_at_the_record(sample_csv: Path):
+    """Line numbers survive records whose quoted fields span several lines (the sample has some)."""
+    t = load(sample_csv).table
+    lines = sample_csv.read_bytes().decode("gb18030").split("\n")
+    multi = 0
+    for row in t.to_pylist():
+        line = lines[row["source_line"] - 1]
+        assert line.startswith(row["sub_department"] + ","), row["source_line"]
+        multi += "\n" in row["answer"] or "\n" in row["ask"]
+    assert multi > 0 and t.num_rows == 7644
+
+
+def test_single_csv_department_flag_and_directory_of_files(tmp_path: Path, write_csv):
+    path = write_csv("one.csv", ROWS)
+    t = load(path, department="内科").table
+    assert t["department"].to_pylist() == ["内科"] * 3 and t["source_line"].to_pylist() == [2, 3, 4]
+    assert load(path).table["department"].to_pylist() == [""] * 3
+    write_csv("more/two.csv", ROWS[:1], encoding="utf-8")
+    (tmp_path / "more" / "three.jsonl").write_text(json.dumps({"instruction": "头晕", "output": "量血压"}, ensure_ascii=False))
+    (tmp_path / "notes.txt").write_text("ignored")
+    res = load(tmp_path, department="内科")
+    assert [f.file.name for f in res.files] == ["more/three.jsonl", "more/two.csv", "one.csv"]
+    assert res.table.num_rows == 5 and set(res.table["department"].to_pylist()) == {"内科"}
+
+
+@pytest.mark.parametrize("encoding", ["gb18030", "gbk", "utf-8", "utf-8-sig"])
+def test_encoding_detected_per_file(write_csv, encoding):
+    res = load(write_csv("x.csv", ROWS, encoding=encoding))
+    assert res.files[0].encoding == {"gbk": "gb18030"}.get(encoding, encoding)
+    assert res.table["answer"].to_pylist() == [r[3] for r in ROWS]
+
+
+def test_header_without_title_or_department(write_csv):
+    t = load(write_csv("x.csv", [[r[2], r[3]] for r in ROWS], header=["ask", "answer"])).table
+    assert t["title"].to_pylist() == [""] * 3 and t["sub_department"].to_pylist() == [""] * 3
+
+
+def test_parallel_load_matches_sequential(six_folder_root: Path):
+    with process_pool(2) as pool:
+        parallel = load(six_folder_root, executor=pool)
+    assert parallel.table.equals(load(six_folder_root).table)
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+def test_jsonl_formats_and_multi_turn(tmp_path: Path):
+    lines = [
+        {"instruction": "高血压能吃党参吗", "input": "我62岁", "output": "可以适量。", "department": "心血管科"},
+        {"instruction": "胃痛", "output": "少食多餐。", "system": "你是消化科医生。", "history": [["你好", "你好，请讲"]]},
+        {"messages": [{"role": "system", "content": "你是儿科医生。"}, {"role": "user", "content": "宝宝发烧"},
+                      {"role": "assistant", "content": "先物理降温"}, {"role": "user", "content": "39度呢"},
+                      {"role": "assistant", "content": "及时就医"}]},
+        {"conversations": [{"from": "human", "value": "失眠"}, {"from": "gpt", "value": "规律作息"}],
+         "sub_department": "神经科"},
+    ]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n\n", encoding="utf-8")
+    res = load(path, department="内科")
+    rows = res.table.to_pylist()
+    assert not res.rejects and [r["source_line"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["ask"] == "高血压能吃党参吗\n我62岁" and rows[0]["department"] == "心血管科"
+    assert rows[1]["system"] == "你是消化科医生。" and json.loads(rows[1]["history"]) == [
+        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好，请讲"}]
+    assert (rows[2]["ask"], rows[2]["answer"], rows[2]["system"]) == ("39度呢", "及时就医", "你是儿科医生。")
+    assert json.loads(rows[2]["history"]) == [{"role": "user", "content": "宝宝发烧"},
+                                              {"role": "assistant", "content": "先物理降温"}]
+    assert (rows[3]["ask"], rows[3]["sub_department"], rows[3]["department"]) == ("失眠", "神经科", "内科")
+
+
+def test_json_array_file(tmp_path: Path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": "头痛", "input": "", "output": "休息"}] * 2, ensure_ascii=False))
+    t = load(path).table
+    assert t["ask"].to_pylist() == ["头痛", "头痛"] and t["source_line"].to_pylist() == [1, 2]
+
+
+def test_bad_jsonl_lines_are_rejected_with_reasons(tmp_path: Path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"instruction": "头痛", "output": "休息"}, ensure_ascii=False),
+        '{"instruction": "broken',
+        json.dumps({"prompt": "x", "completion": "y"}),
+        json.dumps({"messages": [{"role": "user", "content": "只有问题"}]}, ensure_ascii=False),
+        json.dumps({"conversations": [{"from": "alien", "value": "?"}, {"from": "gpt", "value": "!"}]}),
+    ]), encoding="utf-8")
+    res = load(path)
+    assert res.table.num_rows == 1 and res.rows_read == 5
+    got = {(r["source_line"], r["reason"]) for r in res.rejects}
+    assert got == {(2, "bad_json"), (3, "unknown_format"), (4, "bad_conversation"), (5, "bad_conversation")}
+    assert all(r["raw"] and r["source_file"] == "mixed.jsonl" for r in res.rejects)
+
+
+# ----------------------------------------------------------------------------- bad input: whole-file errors
+
+def _error(path: Path, *, line: int | None, words: str, field: str | None = None) -> DataError:
+    with pytest.raises(DataError) as info:
+        load(path)
+    err = info.value
+    assert str(path) in str(err) and words in str(err)
+    assert err.line == line and err.field == field
+    return err
+
+
+def test_missing_column(write_csv):
+    path = write_csv("x.csv", [[r[0], r[1], r[2]] for r in ROWS], header=["department", "title", "ask"])
+    _error(path, line=1, words="missing column 'answer'", field="answer")
+
+
+def test_empty_file_and_header_only(tmp_path: Path, write_csv):
+    (tmp_path / "empty.csv").write_bytes(b"  \n")
+    _error(tmp_path / "empty.csv", line=None, words="empty file")
+    _error(write_csv("header.csv", []), line=None, words="no data rows")
+
+
+def test_binary_file(tmp_path: Path):
+    path = tmp_path / "x.csv"
+    path.write_bytes("department,title,ask,answer\n内科,a,b,c\n".encode("gb18030") + b"PK\x03\x04\x00\x00\xff")
+    _error(path, line=3, words="binary file")
+
+
+def test_undecodable_file(tmp_path: Path):
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"department,title,ask,answer\n" + b"a,b,c,\xff\xfe\x80\x81\n" * 50)
+    _error(path, line=2, words="undecodable bytes")
+
+
+def test_unclosed_quote_swallowing_the_rest(write_csv, tmp_path: Path):
+    path = tmp_path / "x.csv"
+    path.write_text('department,title,ask,answer\n内科,t,a,b\n内科,"t,a,b\n内科,t,a,b\n', encoding="utf-8")
+    _error(path, line=3, words="never closed")
+
+
+def test_directory_without_csv(tmp_path: Path):
+    (tmp_path / "readme.txt").write_text("nothing here")
+    with pytest.raises(DataError, match="no CSV"):
+        load(tmp_path)
+    with pytest.raises(DataError, match="no such file"):
+        discover(tmp_path / "missing")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load(tmp_path / "readme.txt")
+
+
+def test_a_file_with_no_usable_row_is_an_error(write_csv):
+    path = write_csv("x.csv", [["a", "b"], ["c", "d", "e", "f", "g"]])
+    err = _error(path, line=2, words="no usable rows")
+    assert "wrong_field_count" in str(err)
+
+
+# ----------------------------------------------------------------------------- bad input: per-row rejects
+
+def test_wrong_field_count_and_broken_quoting_rows_are_rejected(tmp_path: Path):
+    path = tmp_path / "x.csv"
+    path.write_text("department,title,ask,answer\n"
+                    "内科,t1,a1,b1\n"
+                    "内科,t2,a2\n"                       # too few fields
+                    '内科,"t3"x,a3,b3\n'                 # text after a closing quote
+                    "内科,t4,a4,b4,extra\n"              # too many
+                    "内科,t5,a5,b5\n", encoding="utf-8")
+    res = load(path)
+    assert res.table["title"].to_pylist() == ["t1", "t5"] and res.table["source_line"].to_pylist() == [2, 6]
+    got = [(r["source_line"], r["reason"]) for r in res.rejects]
+    assert got == [(3, "wrong_field_count"), (4, "broken_quoting"), (5, "wrong_field_count")]
+    assert res.rejects[0]["raw"] == "内科,t2,a2\n" and "3 fields, expected 4" in res.rejects[0]["detail"]
+    assert res.rows_read == 5
+
+
+def test_a_few_undecodable_bytes_reject_their_rows(tmp_path: Path):
+    good = "department,title,ask,answer\n内科,头痛,经常头痛,注意休息\n".encode("gb18030")
+    path = tmp_path / "x.csv"
+    path.write_bytes(good + "内科,胃痛,胃".encode("gb18030") + b"\xff" + ",少吃\n内科,失眠,睡不着,规律作息\n".encode("gb18030"))
+    res = load(path)
+    assert res.files[0].encoding == "gb18030"
+    assert [(r["source_line"], r["reason"]) for r in res.rejects] == [(3, "undecodable")]
+    assert "\\xff" in res.rejects[0]["detail"] and res.table.num_rows == 2
+
+
+def test_crlf_lines_and_quoted_line_breaks(tmp_path: Path):
+    path = tmp_path / "x.csv"
+    path.write_bytes("department,title,ask,answer\r\n内科,t1,\"问题\r\n第二行\",答1\r\n内科,t2,a2,答2\r\n".encode("utf-8"))
+    t = load(path).table
+    assert t["source_line"].to_pylist() == [2, 4] and t["ask"].to_pylist() == ["问题\r\n第二行", "a2"]
+
+
+def test_large_file_read_in_batches(tmp_path: Path, write_csv, monkeypatch):
+    monkeypatch.setattr("medtune.data.load.BATCH_ROWS", 7)
+    monkeypatch.setattr("medtune.data.load.TextStream.CHUNK", 64)  # lines cross read chunks
+    rows = [["内科", f"标题{i}", f"问题{i}，" * (i % 5 + 1), f"回答{i}。"] for i in range(50)]
+    rows[20] = ["内科", "坏行"]
+    res = load(write_csv("x.csv", rows))
+    assert res.table.num_rows == 49 and res.table["source_line"].to_pylist() == [i + 2 for i in range(50) if i != 20]
+    assert [(r["source_line"], r["raw"]) for r in res.rejects] == [(22, "内科,坏行\n")]
