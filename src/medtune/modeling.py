@@ -12,10 +12,8 @@ Nothing in the library special-cases it: it is loaded like any Hugging Face chec
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.resources
-import io
 import json
 import logging
 import time
@@ -55,67 +53,23 @@ def qwen3_chat_template() -> str:
 
 # ----------------------------------------------------------------------------- texts for the tokenizer
 
-_TEXT_KEYS = ("title", "ask", "question", "answer", "instruction", "input", "output")
-
-
-def _decode(raw: bytes, path: Path) -> str:
-    for encoding in ("utf-8-sig", "gb18030"):
-        try:
-            return raw.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-    raise DataError("neither UTF-8 nor GB18030 text", path)
-
-
-def _texts_of_record(record: dict[str, Any]) -> Iterator[str]:
-    for key in _TEXT_KEYS:
-        value = record.get(key)
-        if isinstance(value, str) and value.strip():
-            yield value
-    messages = record.get("messages")
-    if isinstance(messages, list):
-        for m in messages:
-            if isinstance(m, dict) and isinstance(m.get("content"), str):
-                yield m["content"]
-
-
 def read_texts(data: Path) -> Iterator[str]:
-    """Question and answer texts from ``data``: a prepared data directory (``train.parquet``), a
-    Parquet file, a CSV (UTF-8 or GB18030; Toyhom columns ``title, ask, answer``) or a JSONL file."""
+    """Question and answer texts from ``data``: a prepared data directory or Parquet split, or any raw
+    input `medtune data prepare` reads (CSV in the Toyhom layout, JSONL, a folder of them)."""
     data = Path(data)
-    if data.is_dir():
-        if not (data / "train.parquet").is_file():
-            raise DataError("not a prepared data directory (no train.parquet); give a CSV/JSONL file or "
-                            "run `medtune data prepare` first", data)
-        data = data / "train.parquet"
-    if not data.is_file():
-        raise DataError("file not found", data)
-    suffix = data.suffix.lower()
-    if suffix == ".parquet":
+    split = data / "train.parquet" if data.is_dir() else data
+    if split.suffix == ".parquet" and split.is_file():
         import pyarrow.parquet as pq
 
-        for record in pq.read_table(data).to_pylist():
-            yield from _texts_of_record(record)
-    elif suffix in (".jsonl", ".json"):
-        for line_no, line in enumerate(_decode(data.read_bytes(), data).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg})", data, line_no) from None
-            if isinstance(record, dict):
-                yield from _texts_of_record(record)
-    elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(_decode(data.read_bytes(), data), newline=""),
-                                delimiter="\t" if suffix == ".tsv" else ",")
-        if not reader.fieldnames or not set(reader.fieldnames) & set(_TEXT_KEYS):
-            raise DataError(f"no text column (expected some of {', '.join(_TEXT_KEYS)})", data, 1)
-        for record in reader:
-            yield from _texts_of_record(record)
+        table = pq.read_table(split, columns=["question", "answer"])
+        columns = ("question", "answer")
     else:
-        raise DataError("unsupported file type; expected .csv, .tsv, .jsonl, .json or .parquet "
-                        "or a prepared data directory", data)
+        from medtune.data.load import load
+
+        table = load(data).table
+        columns = ("title", "ask", "answer")
+    for name in columns:
+        yield from (t for t in table.column(name).to_pylist() if t and t.strip())
 
 
 # ----------------------------------------------------------------------------- the tiny model

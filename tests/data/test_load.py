@@ -221,3 +221,11 @@ def test_large_file_read_in_batches(tmp_path: Path, write_csv, monkeypatch):
     res = load(write_csv("x.csv", rows))
     assert res.table.num_rows == 49 and res.table["source_line"].to_pylist() == [i + 2 for i in range(50) if i != 20]
     assert [(r["source_line"], r["raw"]) for r in res.rejects] == [(22, "内科,坏行\n")]
+
+
+def test_plain_question_answer_jsonl(tmp_path: Path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "头晕怎么办", "answer": "多休息", "department": "内科"}, ensure_ascii=False)
+                    + "\n", encoding="utf-8")
+    row = load(path).table.to_pylist()[0]
+    assert (row["ask"], row["answer"], row["department"], row["source_line"]) == ("头晕怎么办", "多休息", "内科", 1)

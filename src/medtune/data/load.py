@@ -392,7 +392,7 @@ def _from_turns(turns: Any, role_key: str, content_key: str, key: str) -> tuple[
 
 
 def parse_record(obj: Any) -> dict[str, str]:
-    """One JSON record (alpaca, messages or ShareGPT) as raw-row fields; raises `_BadRecord`."""
+    """One JSON record (alpaca, messages, ShareGPT or question/answer) as raw-row fields; raises `_BadRecord`."""
     if not isinstance(obj, dict):
         raise _BadRecord("unknown_format", f"a JSON {type(obj).__name__}, expected an object")
     if "messages" in obj:
@@ -409,9 +409,12 @@ def parse_record(obj: Any) -> dict[str, str]:
                 raise _BadRecord("bad_conversation", f"history[{i}] must be a [question, answer] pair")
             history += [{"role": "user", "content": _text(pair[0], f"history[{i}][0]")},
                         {"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")}]
+    elif "question" in obj and "answer" in obj:  # plain QA, e.g. our own prepared splits as JSON
+        question, answer = _text(obj["question"], "question"), _text(obj["answer"], "answer")
+        system, history = _text(obj.get("system"), "system"), []
     else:
         raise _BadRecord("unknown_format", f"keys {sorted(obj)[:8]}; expected alpaca (instruction/input/output), "
-                                           "chat (messages) or ShareGPT (conversations)")
+                                           "chat (messages), ShareGPT (conversations) or question/answer")
     rec = {"title": "", "ask": question, "answer": answer, "system": system,
            "history": json.dumps(history, ensure_ascii=False)}
     for key in ("department", "sub_department"):
