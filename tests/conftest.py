@@ -3,10 +3,17 @@ test session — once across all pytest-xdist workers too, through `built_once`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# Under pytest-xdist every worker gets one thread: two workers with torch's default of one thread per
+# core oversubscribe a 2-core machine and run a tiny model's forward pass ~30x slower.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -22,7 +29,7 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in __import__("os").environ:
+    if "PYTEST_XDIST_WORKER" in os.environ:
         root = root.parent
     path, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data download": ("medtune.data.download:download", "download the full Toyhom Chinese medical dialogue dataset"),
     "tiny-model": ("medtune.modeling:tiny_model", "build a tiny random Qwen3 model + BPE tokenizer for CPU tests and demos"),
     "train": ("medtune.train:train", "LoRA / QLoRA supervised fine-tuning on a prepared data directory"),
+    "eval": ("medtune.evaluate.run:evaluate", "evaluate the base model and adapters: BLEU/ROUGE, relevance, loss, exams, report"),
 }
 
 

@@ -57,16 +57,66 @@ def step(title: str, *argv: str) -> None:
     print(f"--- {title}: {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def run(out: Path) -> None:
+QUESTIONS = [
+    ("高血压患者平时饮食要注意什么？", "心血管科"),
+    ("我爸刚才吃饭时突然嘴歪了，右手拿不住筷子，说话也含糊不清，怎么办？", "神经科"),
+]
+REAL_COMMAND = ("medtune train --model Qwen/Qwen3-4B --data runs/demo/data --output runs/qwen3-4b-qlora "
+                "--profile cuda-8gb")
+
+
+def answer_questions(model_dir: Path, adapter: Path) -> list[tuple[str, str]]:
+    """Answer ``QUESTIONS`` with the fine-tuned tiny model through the library's inference function."""
+    from medtune.config import ModelArgs
+    from medtune.infer import GenerationArgs, Query, respond
+    from medtune.modeling import load_for_inference
+    from medtune.safety import DISCLAIMER, assess
+
+    model, tokenizer, info = load_for_inference(ModelArgs(model=str(model_dir), adapter=[str(adapter)], profile="cpu"))
+    print(info.summary())
+    answers = respond(model, tokenizer, [Query(q, department=d) for q, d in QUESTIONS],
+                      GenerationArgs(greedy=True, max_new_tokens=80))
+    shown = []
+    for (question, _), a in zip(QUESTIONS, answers):
+        verdict = assess(question)
+        a.notice, a.disclaimer = verdict.notice, DISCLAIMER
+        a.emergency, a.emergency_category = verdict.emergency, verdict.category
+        print(f"\n问：{question}\n{a.text}")
+        shown.append((question, a.text))
+    return shown
+
+
+def run(out: Path, steps: int = 80) -> None:
+    t0 = time.perf_counter()
     sample = find_sample(out)
-    data = out / "data"
-    step("1. prepare the data", "data", "prepare", "--input", str(sample), "--output", str(data),
+    data, model_dir, adapter = out / "data", out / "tiny-qwen3", out / "tiny-lora"
+    step("1/5 prepare the data", "data", "prepare", "--input", str(sample), "--output", str(data),
          "--department", "内科")
-    step("2. data report", "data", "report", "--data", str(data))
-    print(f"\nDemo finished: see {out}/ (data report: {data}/report/report.md)")
+    step("2/5 data report", "data", "report", "--data", str(data))
+    step("3/5 build the tiny model", "tiny-model", "--data", str(data), "--output", str(model_dir))
+    step("4/5 fine-tune with LoRA", "train", "--model", str(model_dir), "--data", str(data), "--output",
+         str(adapter), "--profile", "cpu", "--max-steps", str(steps), "--lr", "3e-3", "--logging-steps", "10",
+         "--overwrite")
+    print("\n=== 5/5 answer two questions (one ordinary, one emergency)", flush=True)
+    shown = answer_questions(model_dir, adapter)
+    lines = ["# medtune demo", "",
+             "The model here is a **tiny, randomly initialised Qwen3** trained for a few steps on the CPU: it only",
+             "shows the machinery, and its answers are not medical advice. The same commands with a real model:",
+             "", f"    {REAL_COMMAND}", "",
+             "- Data report: [data/report/report.md](data/report/report.md)",
+             "- Adapter: `tiny-lora/` (with `medtune.json`, the data manifest and the department classifier)", "",
+             "## Sample answers", ""]
+    for q, text in shown:
+        lines += [f"**问：** {q}", "", "> " + text.replace("\n", "\n> "), ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    print(f"\nDemo finished in {time.perf_counter() - t0:.0f} s: see {out}/report.md")
+    print("The tiny model is randomly initialised: it shows the machinery only. With Qwen3-4B on a GPU:")
+    print(f"  {REAL_COMMAND}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    run(p.parse_args().out)
+    p.add_argument("--steps", type=int, default=80, help="LoRA training steps")
+    ns = p.parse_args()
+    run(ns.out, ns.steps)

@@ -15,11 +15,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from medtune.chat_format import DISCLAIMER_MARK, NOTICE_MARK
+
+# Both begin with the chat format's marks, so that they are stripped from history sent back to us.
 EMERGENCY_NOTICE = (
-    "【紧急提示】您描述的情况可能是急症，请立即拨打120急救电话，或马上前往最近医院的急诊科就诊，"
+    NOTICE_MARK + "您描述的情况可能是急症，请立即拨打120急救电话，或马上前往最近医院的急诊科就诊，"
     "不要等待线上回复。在等待救援时，请尽量让患者保持安全体位，不要自行给药。"
 )
-DISCLAIMER = "以上内容由AI生成，仅供健康参考，不构成诊断，也不能替代医生面诊；如症状持续或加重，请及时就医。"
+DISCLAIMER = DISCLAIMER_MARK + "以上内容由AI生成，仅供健康参考，不构成诊断，也不能替代医生面诊；如症状持续或加重，请及时就医。"
 
 CATEGORY_NAMES = {
     "stroke": "疑似脑卒中",
