@@ -355,10 +355,18 @@ class ModelInfo:
     manifest: dict[str, Any]  # the first adapter's medtune.json ({} when none)
 
     def summary(self) -> str:
-        """One line: ``Qwen/Qwen3-4B + lora-med (cpu profile, nf4/fp32 on cpu, 4.02 B params, 2.6 GB)``."""
+        """One line: ``Qwen/Qwen3-4B + lora-med (cpu profile, nf4/fp32 on cpu, 4.02 B params, 2.60 GiB)``."""
         adapters = "".join(f" + {name}" for name in self.adapters)
         return (f"{self.base}{adapters} ({self.profile} profile, {self.quant}/{self.dtype} on {self.device}, "
-                f"{self.parameters / 1e9:.2f} B params, {self.memory_bytes / 1e9:.2f} GB)")
+                f"{_si(self.parameters)} params, {self.memory_bytes / 2**30:.2f} GiB)")
+
+
+def _si(n: float) -> str:
+    """4.02 B, 5.05 M, 960 K: a count as people write parameter counts."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
 
 
 def read_manifest(adapter_dir: Path) -> dict[str, Any]:
