@@ -177,3 +177,11 @@ def test_strip_think():
     assert strip_think("<think>\nx\n</think>\n\n回答") == "回答"
     assert strip_think("推理…</think>\n回答") == "回答"  # opening tag was in the prompt
     assert strip_think("回答") == "回答"
+
+
+def test_strip_think_keeps_text_around_a_think_block():
+    from medtune.chat_format import strip_think
+
+    assert strip_think("多喝水。<think>x</think>注意休息") == "多喝水。注意休息"
+    assert strip_think("想法</think>\n\n回答") == "回答"
+    assert strip_think("<think>\n\n</think>\n\n回答") == "回答"

@@ -87,7 +87,7 @@ IGNORE_INDEX = -100  # label of a token that carries no loss (torch.nn.CrossEntr
 # configured.
 NOTICE_MARK = "【紧急提示】"
 DISCLAIMER_MARK = "【温馨提示】"
-_THINK = re.compile(r"<think>.*?</think>\s*|^.*?</think>\s*", re.DOTALL)
+_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 def compose_reply(answer: str, notice: str | None = None, disclaimer: str | None = None) -> str:
@@ -103,7 +103,10 @@ def compose_reply(answer: str, notice: str | None = None, disclaimer: str | None
 
 def strip_think(text: str) -> str:
     """Remove think blocks (and a dangling ``…</think>`` whose opening tag was in the prompt)."""
-    return _THINK.sub("", text).strip() if "</think>" in text else text.replace("<think>", "").strip()
+    text = _THINK.sub("", text)
+    if "</think>" in text:  # the opening tag was in the prompt: what comes before the close is thought
+        text = text.split("</think>", 1)[1]
+    return text.replace("<think>", "").strip()
 
 
 def strip_added(text: str, added: Sequence[str] = ()) -> str:
@@ -209,7 +212,8 @@ class ChatTemplateFormat(PromptFormat):
 
     def stop_tokens(self, tokenizer: Tokenizer) -> list[str]:
         eos = getattr(tokenizer, "eos_token", None)
-        return ["<|im_end|>"] + ([eos] if eos and eos != "<|im_end|>" else [])
+        # <|endoftext|> (Qwen's document end, also in its generation_config's eos list) ends an answer too.
+        return list(dict.fromkeys(["<|im_end|>", *([eos] if eos else []), "<|endoftext|>"]))
 
 
 class SeedFormat(PromptFormat):

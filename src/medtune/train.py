@@ -344,6 +344,7 @@ def training_arguments(plan: Plan, args: TrainArgs, output: Path):
         data_seed=args.seed,
         full_determinism=args.deterministic,
         report_to="none",
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search only slows DDP
         remove_unused_columns=False,
         dataloader_num_workers=0,
         optim="adamw_torch",

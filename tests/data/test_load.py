@@ -229,3 +229,22 @@ def test_plain_question_answer_jsonl(tmp_path: Path):
                     + "\n", encoding="utf-8")
     row = load(path).table.to_pylist()[0]
     assert (row["ask"], row["answer"], row["department"], row["source_line"]) == ("头晕怎么办", "多休息", "内科", 1)
+
+
+def test_short_gbk_text_that_is_almost_valid_utf8_is_read_as_gb18030(tmp_path: Path):
+    path = tmp_path / "tiny.csv"
+    path.write_bytes("department,title,ask,answer\n神经科,头痛,头痛怎么办,注意休息\n".encode("gbk"))
+    row = load(path).table.to_pylist()[0]
+    assert (row["title"], row["answer"]) == ("头痛", "注意休息")
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path: Path):
+    from medtune.data.prepare import prepare
+
+    src = tmp_path / "mydata"
+    src.mkdir()
+    rows = "".join(f"内科,问题{i},头痛{i}天了怎么回事呢,建议注意休息多喝水{i}，必要时去医院检查。\n" for i in range(40))
+    (src / "a.csv").write_bytes(("department,title,ask,answer\n" + rows).encode("gb18030"))
+    first = prepare(src, src / "prepared")
+    second = prepare(src, src / "prepared")
+    assert [f["name"] for f in second["files"]] == [f["name"] for f in first["files"]] == ["a.csv"]

@@ -130,9 +130,16 @@ def _six_folder_root(path: Path) -> Path | None:
     return None
 
 
-def discover(input: Path, department: str | None = None) -> list[SourceFile]:
-    """The files to read under ``input`` (a file or a directory), in a stable order."""
+def discover(input: Path, department: str | None = None, exclude: Path | None = None) -> list[SourceFile]:
+    """The files to read under ``input`` (a file or a directory), in a stable order; files under
+    ``exclude`` (e.g. prepare's own output folder inside the input folder) are left out."""
     input = Path(input)
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def wanted(p: Path) -> bool:
+        return (p.is_file() and p.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES
+                and (skip is None or not p.resolve().is_relative_to(skip)))
+
     if not input.exists():
         raise DataError("no such file or directory", input)
     if input.is_file():
@@ -146,14 +153,14 @@ def discover(input: Path, department: str | None = None) -> list[SourceFile]:
         files = []
         for folder, top in TOP_DEPARTMENTS.items():
             for p in sorted((root / folder).rglob("*")) if (root / folder).is_dir() else []:
-                if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES:
+                if wanted(p):
                     files.append(SourceFile(p, p.relative_to(root.parent).as_posix(), top))
         if not files:
             raise DataError(f"the department folders hold no CSV or JSONL files (expected one CSV in each of "
                             f"{', '.join(TOP_DEPARTMENTS)})", root)
         return files
     files = [SourceFile(p, p.relative_to(input).as_posix(), department or "")
-             for p in sorted(input.rglob("*")) if p.is_file() and p.suffix.lower() in CSV_SUFFIXES + JSON_SUFFIXES]
+             for p in sorted(input.rglob("*")) if wanted(p)]
     if not files:
         raise DataError("directory holds no CSV (.csv) or JSONL (.jsonl/.json) files", input)
     return files
@@ -200,7 +207,19 @@ class TextStream:
             bad += len(_SURROGATE.findall(decoder.decode(chunk)))
             if bad > self.limit:
                 return "gb18030"
-        return "utf-8"
+        # A few undecodable bytes: real UTF-8 with damage, or a short GBK text whose byte pairs happen
+        # to be valid UTF-8 (头 = CD B7). A clean GB18030 decoding decides for GB18030.
+        return "gb18030" if bad and self._decodes("gb18030") else "utf-8"
+
+    def _decodes(self, encoding: str) -> bool:
+        decoder = codecs.getincrementaldecoder(encoding)("strict")
+        try:
+            for chunk in self._chunks():
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         # Lines come from io.StringIO in C (line ends as the csv module expects: \n, \r\n or \r); only a

@@ -488,7 +488,7 @@ def prepare(input: Path, output: Path, department: str | None = None,
 
     started = time.perf_counter()
     input, output = Path(input), Path(output)
-    files = discover(input, department)  # fails fast on a bad input path
+    files = discover(input, department, exclude=output)  # fails fast on a bad input path
     output.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:  # a failed run must not leave an older run's files looking current
         (output / name).unlink(missing_ok=True)
