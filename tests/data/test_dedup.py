@@ -75,3 +75,17 @@ def test_margin_links_more_pairs_never_fewer(sample_rows):
     assert loose.confirmed >= strict.confirmed
     for i in np.flatnonzero(strict.label != np.arange(len(qs))):   # strict clusters stay together
         assert loose.label[i] == loose.label[strict.label[i]]
+
+
+def test_band_pairs_compare_twins_behind_an_unrelated_bucket_head():
+    import numpy as np
+
+    from medtune.data.dedup import _band_pairs
+
+    key = np.array([7, 5, 5, 5, 9, 5], dtype=np.uint32)  # bucket 5: rows 1, 2, 3, 5
+    n = len(key)
+    pairs = {(int(p // n), int(p % n)) for p in _band_pairs(key)}
+    assert pairs == {(1, 2), (1, 3), (1, 5), (2, 3), (2, 5), (3, 5)}
+    big = np.zeros(40, dtype=np.uint32)  # a bucket over the cap: head and neighbour pairs only
+    pairs = {(int(p // 40), int(p % 40)) for p in _band_pairs(big, cap=16)}
+    assert pairs == {(0, i) for i in range(1, 40)} | {(i - 1, i) for i in range(1, 40)}

@@ -235,9 +235,9 @@ def near_duplicate_groups(bands: pa.Array | pa.ChunkedArray, sketch: pa.Array | 
                           threshold: float, margin: float = 0.0, threads: int = 2) -> Groups:
     """Cluster rows whose estimated Jaccard similarity is ≥ ``threshold - margin``.
 
-    ``bands``/``sketch`` come from a `Sketcher`. Rows sharing a band key are candidate pairs (each row
-    is paired with the first row holding that key); pairs that pass the threshold are linked, and the
-    connected components are the clusters. ``margin`` > 0 trades larger clusters for fewer twins missed
+    ``bands``/``sketch`` come from a `Sketcher`. Rows sharing a band key are candidate pairs (see
+    `_band_pairs`); pairs that pass the threshold are linked, and the connected components are the
+    clusters. ``margin`` > 0 trades larger clusters for fewer twins missed
     because of the estimate's noise (the split uses it).
     """
     from scipy.sparse import coo_matrix
@@ -267,14 +267,35 @@ def near_duplicate_groups(bands: pa.Array | pa.ChunkedArray, sketch: pa.Array | 
     return Groups(label, similarity, int(len(left)), int(ok.sum()))
 
 
-def _band_pairs(key: np.ndarray) -> np.ndarray:
-    """Rows sharing this band's key, as ``first * n + row`` for every row after the first with that key."""
+BUCKET_ALL_PAIRS = 16  # rows sharing a band key are all compared in buckets up to this size
+
+
+def _band_pairs(key: np.ndarray, cap: int = BUCKET_ALL_PAIRS) -> np.ndarray:
+    """Candidate pairs of rows sharing this band's key, as ``low * n + high`` row indices.
+
+    In a bucket of at most ``cap`` rows every pair is a candidate, so two twins are compared even when
+    the bucket's first row is an unrelated collision; a larger bucket (a common key) pairs each row with
+    the bucket's first row and with the row before it, which keeps the work linear.
+    """
     n = len(key)
     order = np.argsort(key, kind="stable")  # equal keys keep input order: the run's head is its first row
     sk = key[order]
     new_run = np.concatenate([[True], sk[1:] != sk[:-1]])
+    run = np.cumsum(new_run) - 1
+    small = np.bincount(run)[run] <= cap
     head = order[np.maximum.accumulate(np.where(new_run, np.arange(n), 0))]
-    return head[~new_run].astype(np.int64) * n + order[~new_run]
+    pairs = [head[~new_run].astype(np.int64) * n + order[~new_run]]
+    for d in range(1, cap):
+        same = np.zeros(n, dtype=bool)
+        same[d:] = run[d:] == run[:-d]
+        if d > 1:
+            same &= small
+        i = np.flatnonzero(same)
+        if len(i) == 0:
+            break
+        a, b = order[i - d], order[i]  # a < b: stable order within a run
+        pairs.append(a.astype(np.int64) * n + b)
+    return np.concatenate(pairs)
 
 
 def similarity_of(low: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
