@@ -90,7 +90,6 @@ def read_prepared(data: Path) -> Prepared:
     """The parts of a prepared directory the report uses; a DataError names whatever is missing or unreadable."""
     import pyarrow as pa
     import pyarrow.json as pj
-    import pyarrow.parquet as pq
 
     manifest_path = data / "manifest.json"
     if not manifest_path.is_file():
