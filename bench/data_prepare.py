@@ -15,7 +15,8 @@
    200-character filter, no cleaning, no dedup.
 3. Prints rows/s of each, their ratio, peak memory, and the share of rows `prepare` kept; exits 1 if
    prepare kept a smaller share than the corpus was built to keep (or a far larger one: duplicates left
-   in), or was slower than (b). The last line is one JSON object (collected by `make bench`).
+   in), or was slower than (b). The last line is one JSON object; its ``figures`` list (throughput and
+   peak memory against the seed loader's, share kept) is what bench/run_all.py collects.
 """
 from __future__ import annotations
 
@@ -205,21 +206,27 @@ def seed_load(data_dir: Path) -> tuple[int, list[dict]]:
 
 def run_stage(stage: str, data_dir: Path, output: Path) -> dict:
     """Run one contender in this (fresh) process; its own wall time, rows and ru_maxrss."""
+    def cpu() -> float:
+        return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
     if stage == "baseline":
         import pandas  # noqa: F401  (import cost is not the seed's loading time)
 
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu(), time.perf_counter()
         read, records = seed_load(data_dir)
         result = {"rows_in": read, "rows_kept": len(records)}
     else:
         from medtune.data.prepare import prepare
 
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu(), time.perf_counter()
         manifest = prepare(data_dir, output)
         result = {"rows_in": manifest["counts"]["read"], "rows_kept": manifest["counts"]["kept"], "manifest": manifest}
     result["seconds"] = time.perf_counter() - t0
-    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # CPU seconds of this process and its (joined) workers: less sensitive than wall time to other work
+    # on the machine, and they show how much of the two cores each contender used.
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    result["cpu_seconds"] = round(sum(u.ru_utime + u.ru_stime for u in usage) - cpu0, 2)
+    self_rss, child_rss = usage[0].ru_maxrss, usage[1].ru_maxrss
     result["ru_maxrss_mb"] = round(max(self_rss, child_rss) / 1024, 1)
     return result
 
@@ -323,7 +330,8 @@ def report(meta: dict, results: dict, workdir: Path, machine: dict) -> int:
     for stage, r in results.items():
         r["rows_per_s"] = r["rows_in"] / r["seconds"]
         summary[stage] = {k: (round(v, 2) if isinstance(v, float) else v)
-                          for k, v in r.items() if k in ("rows_in", "rows_kept", "seconds", "rows_per_s", "peak_rss_mb", "peak_pss_mb")}
+                          for k, v in r.items() if k in ("rows_in", "rows_kept", "seconds", "cpu_seconds", "rows_per_s",
+                                                        "peak_rss_mb", "peak_pss_mb")}
     failures = []
     if "baseline" in results:
         b = results["baseline"]
@@ -355,13 +363,40 @@ def report(meta: dict, results: dict, workdir: Path, machine: dict) -> int:
         ratio = results["prepare"]["rows_per_s"] / results["baseline"]["rows_per_s"]
         summary["speedup"] = round(ratio, 2)
         print(f"prepare / seed loader: {ratio:.2f}x the rows/s")
+        cpu_ratio = results["baseline"]["cpu_seconds"] / results["prepare"]["cpu_seconds"]
+        summary["cpu_ratio"] = round(cpu_ratio, 2)
+        print(f"CPU seconds (process tree): prepare {results['prepare']['cpu_seconds']:.1f}, seed loader "
+              f"{results['baseline']['cpu_seconds']:.1f}: prepare does {cpu_ratio:.2f}x the rows per CPU second")
         if ratio < 1:
             failures.append(f"prepare is slower than the seed loader ({ratio:.2f}x)")
     summary["ok"] = not failures
+    summary["figures"] = _figures(rows, keep, results)
     for f in failures:
         print(f"FAIL: {f}")
     print(json.dumps(summary, ensure_ascii=False))
     return 1 if failures else 0
+
+
+def _figures(rows: int, keep: int, results: dict) -> list[dict]:
+    """The figures for bench/run_all.py: name, value, unit, baseline (same run) and ratio."""
+    p, b = results.get("prepare"), results.get("baseline")
+    figures = []
+    if p is not None:
+        speed = {"name": f"data prepare throughput ({rows:,}-row GB18030 corpus)", "value": round(p["rows_per_s"]),
+                 "unit": "rows/s", "baseline": None, "ratio": None, "goal": ">= 3x the seed loader"}
+        memory = {"name": "data prepare peak memory (process tree RSS)", "value": round(p["peak_rss_mb"]),
+                  "unit": "MB", "baseline": None, "ratio": None, "goal": "< 3000 MB"}
+        if b is not None:
+            speed.update(baseline=round(b["rows_per_s"]), ratio=round(p["rows_per_s"] / b["rows_per_s"], 2))
+            memory.update(baseline=round(b["peak_rss_mb"]), ratio=round(p["peak_rss_mb"] / b["peak_rss_mb"], 2))
+        figures += [speed, memory,
+                    {"name": "data prepare share of rows kept", "value": round(p["rows_kept"] / p["rows_in"], 4),
+                     "unit": "share", "baseline": round(keep / rows, 4),
+                     "ratio": round(p["rows_kept"] / p["rows_in"] / (keep / rows), 3)}]
+    elif b is not None:
+        figures.append({"name": f"seed loader throughput ({rows:,}-row GB18030 corpus)", "value": round(b["rows_per_s"]),
+                        "unit": "rows/s", "baseline": None, "ratio": None})
+    return figures
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 test session — once across all pytest-xdist workers too, through `built_once`."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Callable
 
 import pytest
+
+from builds import built_once
 
 # Under pytest-xdist every worker gets one thread: two workers with torch's default of one thread per
 # core oversubscribe a 2-core machine and run a tiny model's forward pass ~30x slower.
@@ -18,25 +18,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE_CSV = SHARED_DATA / "toyhom_neike_sample.csv"
-
-
-def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
-    """Run ``build(path)`` once per test run, whatever the number of xdist workers; return ``path``.
-
-    Workers share the parent of their base temp directory; a file lock makes the others wait for the
-    first builder, and a marker file says the build finished (a failed build is retried, not reused).
-    """
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        root = root.parent
-    path, done = root / name, root / f"{name}.done"
-    with FileLock(str(root / f"{name}.lock")):
-        if not done.is_file():
-            build(path)
-            done.write_text(json.dumps({"built": str(path)}))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +64,7 @@ def _write_qa32(prepared: Path, out: Path) -> None:
     table = pa.Table.from_pylist(rows)
     for split in ("train", "validation", "test"):
         pq.write_table(table, out / f"{split}.parquet")
-    for name in ("manifest.json", "boilerplate.json", "department_classifier.joblib"):
+    for name in ("manifest.json", "boilerplate.json", "department_classifier.npz"):
         shutil.copyfile(prepared / name, out / name)
 
 

@@ -48,3 +48,27 @@ def test_missing_required_flag_is_reported_without_traceback():
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "--data" in out.stderr
+
+
+def test_ask_takes_the_question_as_a_positional_word_or_a_flag() -> None:
+    from medtune.cli import parse
+
+    assert parse(["ask", "高血压怎么办？", "--adapter", "runs/a"])[1]["question"] == "高血压怎么办？"
+    assert parse(["ask", "--adapter", "runs/a", "头晕"])[1]["question"] == "头晕"
+    assert parse(["ask", "--question", "胸闷"])[1]["question"] == "胸闷"
+    assert "question" not in parse(["ask", "--input", "q.jsonl", "--output", "a.jsonl"])[1]
+    with pytest.raises(SystemExit):
+        parse(["ask", "头晕", "胸闷"])  # one question only
+
+
+def test_validate_takes_configs_as_positional_words_and_flags_together() -> None:
+    from pathlib import Path
+
+    from medtune.cli import parse
+    from medtune.config import ConfigError
+
+    assert parse(["validate", "configs"])[1]["file"] == [Path("configs")]
+    assert parse(["validate", "a.yaml", "b.yaml", "--file", "c.yaml"])[1]["file"] == [
+        Path("a.yaml"), Path("b.yaml"), Path("c.yaml")]
+    with pytest.raises(ConfigError, match="--file is required"):
+        parse(["validate"])

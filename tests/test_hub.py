@@ -164,3 +164,80 @@ def test_download_that_stays_incomplete_is_reported(tmp_path: Path, monkeypatch:
 def test_hub_imports_without_torch():
     code = "import sys, medtune.hub, medtune.profiles; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- `medtune download`
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("which", ["modelscope", "hf"])
+def test_download_command_without_network(tmp_path: Path, which: str):
+    """The real command line with the network unreachable (every connection goes to a proxy port where
+    nothing listens, refused at once): a clear message naming the hub and --model PATH, exit status 2."""
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "https_proxy": proxy, "HTTPS_PROXY": proxy,
+           "http_proxy": proxy, "HTTP_PROXY": proxy, "NO_PROXY": "", "no_proxy": ""}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "medtune", "download", "--model", ID, "--hub", which,
+                          "--models-dir", str(tmp_path / "models")], capture_output=True, text=True, timeout=60, env=env)
+    assert time.perf_counter() - t0 < 20  # interpreter start included
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("medtune: error: cannot download 'Qwen/Qwen3-4B' from " + which)
+    assert "Connection refused" in out.stderr and "--model PATH" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "models" / ID / hub.MARKER).exists()
+
+
+def test_download_command_fetches_each_id_into_the_layout_others_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog):
+    from medtune.cli import main
+
+    calls: list[tuple] = []
+
+    def fake_download(which, model, target, revision):
+        calls.append((which, model, revision))
+        if model.endswith("lora"):
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "adapter_config.json").write_text("{}", encoding="utf-8")
+            _safetensors(target / "adapter_model.safetensors")
+        else:
+            _model_dir(target, shards=2)
+
+    monkeypatch.setattr(hub, "probe", lambda url: None)
+    monkeypatch.setattr(hub, "_snapshot_download", fake_download)
+    monkeypatch.delenv("MEDTUNE_OFFLINE", raising=False)
+    models = tmp_path / "models"
+    argv = ["download", "--model", ID, "--model", "Sogrey/Chinese-medical-lora", "--models-dir", str(models)]
+    with caplog.at_level("INFO", logger="medtune.hub"):
+        assert main(argv) == 0
+    assert calls == [("modelscope", ID, None), ("modelscope", "Sogrey/Chinese-medical-lora", None)]
+    assert "use it with --adapter Sogrey/Chinese-medical-lora" in caplog.text and f"use it with --model {ID}" in caplog.text
+    # every other command finds them by id, without the network; a second download fetches nothing
+    monkeypatch.setattr(hub, "probe", lambda url: pytest.fail("went to the network for a checked download"))
+    assert resolve_model(ID, models_dir=models) == models / ID
+    assert resolve_model("Sogrey/Chinese-medical-lora", models_dir=models) == models / "Sogrey/Chinese-medical-lora"
+    assert main(argv) == 0 and len(calls) == 2
+
+
+def test_interrupted_download_says_it_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def dropped(which, model, target, revision):
+        (target / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        raise ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(hub, "probe", lambda url: None)
+    monkeypatch.setattr(hub, "_snapshot_download", dropped)
+    monkeypatch.delenv("MEDTUNE_OFFLINE", raising=False)
+    with pytest.raises(MedtuneError, match=r"Connection reset by peer.*\n.*are kept: run the command again to resume"):
+        hub.download([ID], models_dir=tmp_path)
+    assert (tmp_path / ID / "model-00001-of-00002.safetensors").read_bytes() == b"partial"  # kept for the resume
+
+
+def test_download_command_rejects_paths(tmp_path: Path):
+    with pytest.raises(MedtuneError, match="expected a hub id of the form owner/name"):
+        hub.download([str(tmp_path)], models_dir=tmp_path)
+    with pytest.raises(MedtuneError, match="at least one hub id"):
+        hub.download([], models_dir=tmp_path)

@@ -120,3 +120,70 @@ def test_seed_prompt_format_stops_at_eos(base):
     assert stop_token_ids(tokenizer, "seed") == [tokenizer.eos_token_id]
     [answer] = respond(model, tokenizer, ["头晕"], GREEDY, prompt_format="seed")
     assert isinstance(answer, Answer) and answer.prompt_tokens > 0
+
+
+# ----------------------------------------------------------------------------- streaming = non-streaming
+
+def _script_streaming(monkeypatch, model, tail: list[int]) -> None:
+    """Like `_script`, feeding ``tail`` to the streamer one token at a time, as generate() does."""
+    import torch
+
+    def fake_generate(input_ids, attention_mask=None, streamer=None, **kwargs):
+        if streamer is not None:
+            streamer.put(input_ids)
+            for t in tail:
+                streamer.put(torch.tensor([t]))
+            streamer.end()
+        return torch.cat([input_ids, torch.tensor([tail] * input_ids.shape[0])], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+
+
+BOILERPLATE = ["祝您早日康复", "以上是我的建议"]
+SCRIPTED = [
+    "多喝水。祝您早日康复！注意休息。",
+    "<think>\n先想想\n</think>\n\n血压高要少盐。以上是我的建议。",
+    "第一，低盐饮食；第二，规律服药！！\n\n第三，复查。祝您早日康复。",
+    "Hello world. 高血压？是的。",
+    "祝您早日康复！",
+    "没有句号的回答",
+]
+
+
+@pytest.mark.parametrize("scripted", SCRIPTED)
+def test_streamed_pieces_equal_the_non_streamed_answer(base, monkeypatch, scripted):
+    model, tokenizer = base
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tokenizer(scripted, add_special_tokens=False)["input_ids"] + [im_end]
+    _script_streaming(monkeypatch, model, ids)
+    [plain] = respond(model, tokenizer, ["头晕"], GREEDY, boilerplate=BOILERPLATE)
+    pieces: list[str] = []
+    [streamed] = respond(model, tokenizer, ["头晕"], GREEDY, boilerplate=BOILERPLATE, stream=pieces.append)
+    assert "".join(pieces) == streamed.answer == plain.answer
+    assert "祝您早日康复" not in plain.answer and "<think>" not in plain.answer
+    # released sentence by sentence, never a sentence cut in the middle (except the unfinished last one)
+    from medtune.data.clean import SENTENCE_ENDS
+
+    assert all(p[-1] in SENTENCE_ENDS for p in pieces[:-1]), pieces
+
+
+@pytest.mark.slow
+def test_streaming_real_generation_equals_non_streaming(base):
+    model, tokenizer = base
+    for gen in (GenerationArgs(greedy=True, max_new_tokens=40), GenerationArgs(max_new_tokens=40, seed=3)):
+        [plain] = respond(model, tokenizer, [Query(QUESTIONS[1], department="心血管科")], gen, boilerplate=BOILERPLATE)
+        pieces: list[str] = []
+        [streamed] = respond(model, tokenizer, [Query(QUESTIONS[1], department="心血管科")], gen,
+                             boilerplate=BOILERPLATE, stream=pieces.append)
+        assert "".join(pieces) == streamed.answer == plain.answer
+        assert streamed.completion_tokens == plain.completion_tokens
+    with pytest.raises(ValueError, match="one query"):
+        respond(model, tokenizer, QUESTIONS, GREEDY, stream=print)
+
+
+def test_min_p_reaches_the_generation_config(base):
+    model, tokenizer = base
+    assert generation_config(tokenizer, GenerationArgs(), [1]).min_p is None  # Qwen3: 0, i.e. off
+    assert generation_config(tokenizer, GenerationArgs(min_p=0.05), [1]).min_p == 0.05
+    with pytest.raises(ValueError, match="min_p"):
+        GenerationArgs(min_p=2)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 
@@ -85,17 +84,29 @@ def test_detect_on_this_cpu_machine():
     assert choose_precision("bf16") == "fp32" and choose_precision("fp32") == "fp32"
 
 
-def test_detect_reads_gpu_count_and_memory(monkeypatch: pytest.MonkeyPatch):
+def test_detect_reads_gpu_count_and_free_memory(monkeypatch: pytest.MonkeyPatch):
     import torch
 
-    memory = {0: 24 * 2**30 * 0.98, 1: 12 * 2**30 * 0.97}
-    count = {"n": 1}
+    asked: list[int] = []
+    state = {"n": 1, "free": 23.2 * 2**30}
+
+    def mem_get_info(device: int) -> tuple[int, int]:
+        asked.append(device)
+        return int(state["free"]), int(24 * 2**30)
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count["n"])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=memory[i]))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: state["n"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert detect_profile() == "cuda-24gb"
-    count["n"] = 2
+    state["free"] = 9 * 2**30  # another process holds most of the card: free memory decides
+    assert detect_profile() == "cuda-8gb"
+    state["n"] = 2
     assert detect_profile() == "multi-gpu"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun only this rank's GPU is asked
+    detect_profile()
+    assert asked[-1] == 1 and set(asked[:-1]) == {0}
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert choose_precision("bf16") == "fp16"
 

@@ -19,7 +19,7 @@ from medtune.train import (
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
                  "train_config.yaml", "medtune.json", "train_log.jsonl", "data_manifest.json", "boilerplate.json",
-                 "department_classifier.joblib")
+                 "department_classifier.npz")
 CPU_PLAN = Plan(profile="cpu", device="cpu", quant="none", precision="fp32", micro_batch=4, grad_accum=1,
                 max_seq_len=512, gradient_checkpointing=False)
 
@@ -43,7 +43,7 @@ def test_adapter_directory_layout_and_manifest(trained_adapter_dir: Path, tiny_m
     assert manifest["data"]["examples"] == 32 and manifest["data"]["dropped"] == 0
     assert manifest["result"]["steps"] == 3 and manifest["plan"]["profile"] == "cpu"
     for source, copy in (("manifest.json", "data_manifest.json"), ("boilerplate.json", "boilerplate.json"),
-                         ("department_classifier.joblib", "department_classifier.joblib")):
+                         ("department_classifier.npz", "department_classifier.npz")):
         assert (trained_adapter_dir / copy).read_bytes() == (qa32_dir / source).read_bytes()
     losses = [row["loss"] for row in map(json.loads, (trained_adapter_dir / "train_log.jsonl").read_text().splitlines())
               if "loss" in row]
@@ -183,3 +183,19 @@ def test_core_runs_without_datasets_trl_rich_or_bitsandbytes(tiny_model_dir: Pat
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] in ("stop", "length")
+
+
+def test_packing_is_chosen_by_the_attention_kernel_unless_the_flag_says() -> None:
+    from types import SimpleNamespace
+
+    from medtune.train import TrainArgs, use_packing
+
+    def model(implementation: str):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation))
+
+    # sdpa/eager compute a packed row's whole attention (bench/train_throughput.py): length-grouped batches there
+    assert use_packing(TrainArgs(), model("sdpa")) is False
+    assert use_packing(TrainArgs(), model("eager")) is False
+    assert use_packing(TrainArgs(), model("flash_attention_2")) is True
+    assert use_packing(TrainArgs(packing=True), model("sdpa")) is True
+    assert use_packing(TrainArgs(packing=False), model("flash_attention_2")) is False

@@ -288,8 +288,11 @@ def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
 
 def _encode(tokenizer: Tokenizer, fmt: PromptFormat, messages: list[Message]) -> Encoded:
     prompt, completion = fmt.split(tokenizer, messages)
-    prompt_ids = _ids(tokenizer, prompt)
-    full_ids = _ids(tokenizer, prompt + completion)
+    return _label(tokenizer, fmt, completion, _ids(tokenizer, prompt), _ids(tokenizer, prompt + completion))
+
+
+def _label(tokenizer: Tokenizer, fmt: PromptFormat, completion: str, prompt_ids: list[int],
+           full_ids: list[int]) -> Encoded:
     if full_ids[: len(prompt_ids)] != prompt_ids:
         # The tokenizer merged text across the boundary. At inference the prompt is tokenised alone and
         # the model continues from there, so train on exactly that split.
@@ -303,6 +306,43 @@ def _encode(tokenizer: Tokenizer, fmt: PromptFormat, messages: list[Message]) ->
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids[: last_stop + 1]
     labels += [IGNORE_INDEX] * (len(full_ids) - len(labels))  # e.g. the newline after <|im_end|>
     return Encoded(full_ids, labels)
+
+
+def encode_many(
+    tokenizer: Tokenizer,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    max_seq_len: int | None = None,
+    prompt_format: str | PromptFormat = DEFAULT_PROMPT_FORMAT,
+    overlong: Literal["shorten", "drop"] = "shorten",
+) -> list[Encoded | ValueError]:
+    """`encode` for many conversations, the same results a few times faster: the texts are tokenised in
+    two batch calls. A conversation that `encode` would reject gets its exception (`Overlong`, or a
+    ValueError naming the problem) in its place."""
+    fmt = get_prompt_format(prompt_format)
+    splits: list[tuple[str, str] | ValueError] = []
+    for messages in conversations:
+        try:
+            splits.append(fmt.split(tokenizer, messages))
+        except ValueError as e:
+            splits.append(e)
+    texts = [s for s in splits if not isinstance(s, ValueError)]
+    batch = [p for p, _ in texts] + [p + c for p, c in texts]
+    ids = list(tokenizer(batch, add_special_tokens=False)["input_ids"]) if batch else []
+    prompt_ids, full_ids = iter(ids[: len(texts)]), iter(ids[len(texts):])
+    out: list[Encoded | ValueError] = []
+    for messages, split in zip(conversations, splits):
+        if isinstance(split, ValueError):
+            out.append(split)
+            continue
+        enc = _label(tokenizer, fmt, split[1], list(next(prompt_ids)), list(next(full_ids)))
+        if max_seq_len is not None and len(enc) > max_seq_len:  # rare: shortening re-renders, one at a time
+            try:
+                enc = encode(tokenizer, messages, max_seq_len=max_seq_len, prompt_format=fmt, overlong=overlong)
+            except ValueError as e:
+                enc = e
+        out.append(enc)
+    return out
 
 
 def encode(

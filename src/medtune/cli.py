@@ -20,8 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data report": ("medtune.data.report:report", "write a Markdown report with plots for a prepared data directory"),
     "data download": ("medtune.data.download:download", "download the full Toyhom Chinese medical dialogue dataset"),
     "tiny-model": ("medtune.modeling:tiny_model", "build a tiny random Qwen3 model + BPE tokenizer for CPU tests and demos"),
+    "download": ("medtune.hub:download", "download base models and adapters by id (ModelScope, or --hub hf) into models/"),
     "train": ("medtune.train:train", "LoRA / QLoRA supervised fine-tuning on a prepared data directory"),
+    "validate": ("medtune.validate:validate", "check recipes and accelerate configs without running them"),
     "eval": ("medtune.evaluate.run:evaluate", "evaluate the base model and adapters: BLEU/ROUGE, relevance, loss, exams, report"),
+    "merge": ("medtune.merge:merge", "fold an adapter into its full-precision base: a standalone Hugging Face model"),
+    "export": ("medtune.export:export", "export a merged model as GGUF (f16/q8_0) with an Ollama Modelfile"),
+    "ask": ("medtune.ask:ask", "answer a question (streamed) or a JSONL file of questions, with the safety layer"),
+    "chat": ("medtune.ask:chat", "multi-turn chat in the terminal (streaming, /reset, /exit, Ctrl-C stops an answer)"),
+    "serve": ("medtune.serve:serve", "serve the model: OpenAI-compatible API + Chinese web page (HF engine or vLLM)"),
 }
 
 

@@ -189,6 +189,14 @@ def param_help(fn: Callable) -> dict[str, str]:
     return helps
 
 
+class _Extend(argparse.Action):
+    """Positional words added to what the list flag of the same name collected."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values:
+            setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
+
+
 def add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
     """Add a flag for every field of every dataclass parameter of ``fn`` (and its plain parameters)."""
     helps = param_help(fn)
@@ -204,6 +212,13 @@ def add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
                 _add_field(group, f.name, hints[f.name], d, f.metadata.get("help", ""), f"{pname}.{f.name}")
         else:
             _add_field(parser, pname, tp, default, helps.get(pname, ""), pname)
+            if pname in getattr(fn, "positional", ()):
+                # `medtune ask "问题"`, `medtune validate CONFIG...`: also taken as positional words, into the
+                # flag's destination (a list flag collects both).
+                many = get_origin(_unwrap_optional(tp)[0]) in (list, tuple)
+                parser.add_argument(pname, nargs="*" if many else "?", default=argparse.SUPPRESS,
+                                    action=_Extend if many else "store", metavar=pname.upper(),
+                                    help=f"same as {_flag(pname)}")
     parser.add_argument("--config", type=Path, metavar="YAML",
                         help="YAML recipe whose keys set these options; flags given here override it")
 

@@ -7,11 +7,14 @@ Runs the same `medtune` commands a user runs; nothing in the library knows it is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TextIO
 
 from medtune.cli import main as medtune
 
@@ -48,62 +51,64 @@ def find_sample(out: Path) -> Path:
     return target
 
 
-def step(title: str, *argv: str) -> None:
+def step(title: str, *argv: str, capture: bool = False) -> str:
+    """Run one `medtune` command as a demo step; with ``capture``, also return what it printed."""
     print(f"\n=== {title}\n$ medtune {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
-    code = medtune(list(argv))
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee) if capture else contextlib.nullcontext():
+        code = medtune(list(argv))
     if code:
         sys.exit(f"demo: step failed ({title}), exit status {code}")
     print(f"--- {title}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return "".join(tee.parts).strip()
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the terminal and keeps a copy (the streamed answer is shown live and put in the report)."""
+
+    def __init__(self, terminal: TextIO) -> None:
+        self.terminal, self.parts = terminal, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.terminal.write(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
 
 
 QUESTIONS = [
     ("高血压患者平时饮食要注意什么？", "心血管科"),
     ("我爸刚才吃饭时突然嘴歪了，右手拿不住筷子，说话也含糊不清，怎么办？", "神经科"),
 ]
-REAL_COMMAND = ("medtune train --model Qwen/Qwen3-4B --data runs/demo/data --output runs/qwen3-4b-qlora "
-                "--profile cuda-8gb")
-
-
-def answer_questions(model_dir: Path, adapter: Path) -> list[tuple[str, str]]:
-    """Answer ``QUESTIONS`` with the fine-tuned tiny model through the library's inference function."""
-    from medtune.config import ModelArgs
-    from medtune.infer import GenerationArgs, Query, respond
-    from medtune.modeling import load_for_inference
-    from medtune.safety import DISCLAIMER, assess
-
-    model, tokenizer, info = load_for_inference(ModelArgs(model=str(model_dir), adapter=[str(adapter)], profile="cpu"))
-    print(info.summary())
-    answers = respond(model, tokenizer, [Query(q, department=d) for q, d in QUESTIONS],
-                      GenerationArgs(greedy=True, max_new_tokens=80))
-    shown = []
-    for (question, _), a in zip(QUESTIONS, answers):
-        verdict = assess(question)
-        a.notice, a.disclaimer = verdict.notice, DISCLAIMER
-        a.emergency, a.emergency_category = verdict.emergency, verdict.category
-        print(f"\n问：{question}\n{a.text}")
-        shown.append((question, a.text))
-    return shown
+EVAL_EXAMPLES = 40  # held-out test questions scored for the base and the fine-tuned model
+REAL_COMMAND = "medtune train --config configs/qwen3-4b/qlora-8gb.yaml --data runs/demo/data"
 
 
 def run(out: Path, steps: int = 80) -> None:
     t0 = time.perf_counter()
     sample = find_sample(out)
     data, model_dir, adapter = out / "data", out / "tiny-qwen3", out / "tiny-lora"
-    step("1/5 prepare the data", "data", "prepare", "--input", str(sample), "--output", str(data),
+    step("1/6 prepare the data", "data", "prepare", "--input", str(sample), "--output", str(data),
          "--department", "内科")
-    step("2/5 data report", "data", "report", "--data", str(data))
-    step("3/5 build the tiny model", "tiny-model", "--data", str(data), "--output", str(model_dir))
-    step("4/5 fine-tune with LoRA", "train", "--model", str(model_dir), "--data", str(data), "--output",
+    step("2/6 data report", "data", "report", "--data", str(data))
+    step("3/6 build the tiny model", "tiny-model", "--data", str(data), "--output", str(model_dir))
+    step("4/6 fine-tune with LoRA", "train", "--model", str(model_dir), "--data", str(data), "--output",
          str(adapter), "--profile", "cpu", "--max-steps", str(steps), "--lr", "3e-3", "--logging-steps", "10",
          "--overwrite")
-    print("\n=== 5/5 answer two questions (one ordinary, one emergency)", flush=True)
-    shown = answer_questions(model_dir, adapter)
+    step("5/6 evaluate base vs fine-tuned on held-out questions", "eval", "--model", str(model_dir), "--adapter",
+         str(adapter), "--data", str(data), "--output", str(out / "eval"), "--profile", "cpu", "--limit",
+         str(EVAL_EXAMPLES), "--max-new-tokens", "64", "--batch-size", "8")
+    shown = [(q, step(f"6/6 answer: {q}", "ask", q, "--model", str(model_dir), "--adapter", str(adapter), "--profile",
+                     "cpu", "--department", d, "--greedy", "--max-new-tokens", "80", capture=True)) for q, d in QUESTIONS]
     lines = ["# medtune demo", "",
              "The model here is a **tiny, randomly initialised Qwen3** trained for a few steps on the CPU: it only",
              "shows the machinery, and its answers are not medical advice. The same commands with a real model:",
              "", f"    {REAL_COMMAND}", "",
              "- Data report: [data/report/report.md](data/report/report.md)",
+             "- Evaluation, base vs fine-tuned: [eval/report.md](eval/report.md)", "",
+             "![metrics](eval/metrics.png)", "",
              "- Adapter: `tiny-lora/` (with `medtune.json`, the data manifest and the department classifier)", "",
              "## Sample answers", ""]
     for q, text in shown:

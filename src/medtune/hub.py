@@ -1,6 +1,9 @@
 """Where a model comes from: a local directory, or a ModelScope / Hugging Face id downloaded once.
 
-Every command that loads a model calls `resolve_model`; `medtune download` wraps `download_model`.
+Every command that loads a model calls `resolve_model`; `medtune download` wraps `download_model`:
+
+    medtune download --model Qwen/Qwen3-4B --model Sogrey/Chinese-medical-lora      # from ModelScope
+    medtune download --model Qwen/Qwen3-4B --hub hf                                  # from Hugging Face
 
     >>> resolve_model("Qwen/Qwen3-4B")                      # doctest: +SKIP
     PosixPath('models/Qwen/Qwen3-4B')                        # downloaded from ModelScope on first use
@@ -146,8 +149,11 @@ def _looks_like_path(model: str) -> bool:
 
 
 def _offline_message(model: str, hub: Hub, target: Path, reason: str) -> str:
+    partial = target.is_dir() and any(target.iterdir())
     return (f"cannot download {model!r} from {hub} ({hub_endpoint(hub)}): {reason}.\n"
-            f"Without network access, pass a local copy with --model PATH (a directory holding config.json, "
+            + (f"The files already fetched into {target}/ are kept: run the command again to resume.\n"
+               if partial else "")
+            + f"Without network access, pass a local copy with --model PATH (a directory holding config.json, "
             f"the *.safetensors weights and the tokenizer files), or put those files in {target}/ and "
             f"give --model {model} again.")
 
@@ -223,3 +229,35 @@ def resolve_model(model: str, hub: Hub = "modelscope", models_dir: Path = Path("
     if _looks_like_path(model):
         raise MedtuneError(f"--model {model}: no such directory (a hub id looks like Qwen/Qwen3-4B)")
     return download_model(model, hub, models_dir, revision)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def download(model: list[str], hub: Hub = "modelscope", models_dir: Path = Path("models"),
+             revision: str | None = None, force: bool = False) -> list[Path]:
+    """`medtune download`: fetch base models and adapters by hub id into ``--models-dir/<id>``, where
+    every other command finds them by the same id (``--model Qwen/Qwen3-4B``, ``--adapter ...``).
+
+    Args:
+        model: hub id of a base model or adapter (e.g. Qwen/Qwen3-4B, Sogrey/Chinese-medical-lora); repeat the flag for several
+        hub: where the ids live: modelscope (default, fast in mainland China) or hf (Hugging Face)
+        models_dir: where downloads are kept
+        revision: branch, tag or commit to fetch (default: the hub's main revision)
+        force: fetch again even when a checked copy is there (files already complete are not re-downloaded)
+    """
+    if not model:
+        raise MedtuneError("--model: give at least one hub id, e.g. --model Qwen/Qwen3-4B")
+    paths = []
+    for name in model:
+        if _looks_like_path(name) or name.count("/") != 1:
+            raise MedtuneError(f"--model {name!r}: expected a hub id of the form owner/name, e.g. Qwen/Qwen3-4B")
+        path = download_model(name, hub, models_dir, revision, force=force)
+        kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
+        flag = "--adapter" if kind == "adapter" else "--model"
+        log.info("%s %s: %s (%.2f GiB, checked); use it with %s %s", kind, name, path, _size(path) / 2**30, flag, name)
+        paths.append(path)
+    return paths

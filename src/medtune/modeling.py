@@ -278,6 +278,20 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def attention_implementation() -> str:
+    """flash-attention 2 on a GPU where the `flash_attn` package is installed, else SDPA.
+
+    Its variable-length kernels are what make packed training rows pay (`medtune.train.use_packing`).
+    """
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_base(
     model_path: Path,
     *,
@@ -292,7 +306,7 @@ def load_base(
     ``quant``: ``none``, ``int8`` or ``nf4`` (bitsandbytes; runs on the CPU too). ``dtype``: ``fp32``,
     ``bf16``, ``fp16`` or ``auto`` (the checkpoint's; for nf4 the compute dtype is then bf16 on a GPU
     that has it, else fp32). ``device_map``: as for ``from_pretrained``; None means
-    `default_device_map`. Attention is SDPA. ``for_training``: ``use_cache`` off and, with a
+    `default_device_map`. Attention: `attention_implementation`. ``for_training``: ``use_cache`` off and, with a
     quantised base, ``peft.prepare_model_for_kbit_training`` (base frozen, norms upcast to fp32);
     ``gradient_checkpointing`` then turns checkpointing on (non-reentrant). Otherwise the model is in
     eval mode. The tokenizer is the directory's own (``padding_side`` left as saved).
@@ -307,7 +321,7 @@ def load_base(
         compute = torch.bfloat16 if use_bf16 else torch.float32
     else:
         compute = weights_dtype if isinstance(weights_dtype, torch.dtype) else torch.float32
-    kwargs: dict[str, Any] = {"dtype": weights_dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"dtype": weights_dtype, "attn_implementation": attention_implementation()}
     if quant != "none":
         kwargs["quantization_config"] = quantization_config(quant, compute)
     device_map = default_device_map(quant) if device_map is None else device_map

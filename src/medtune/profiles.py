@@ -4,6 +4,8 @@ Training and inference both read it: ``--profile NAME`` picks a row (detected wh
 ``--quant`` overrides its quantisation. Sizes are for Qwen3-4B (4.0 B parameters: ~8 GB of bf16
 weights, ~2.6 GB in NF4) with LoRA r=16 on all seven projections; the replaced scripts trained with
 micro-batch 2 x accumulation 4 at 2,048 tokens in 4-bit, and every row keeps that effective batch of 8.
+Each row's micro-batch and sequence length are those whose estimated peak (`medtune.memory`) fits the
+row's GPU with room for the CUDA context.
 
     >>> get_profile("cuda-8gb").quant
     'nf4'
@@ -54,19 +56,23 @@ class Profile:
 
 _ROWS = (
     # name, description, min GiB, quant, precision, micro, accum, ckpt, seq, infer quant, dtype, batch
+    # Estimated training peaks for Qwen3-4B, r=16 (medtune.memory; CUDA context not included) in the comments.
     ("cpu", "no GPU: fp32; sized for the tiny model (training a 4B model on a CPU is impractical)",
      0.0, "none", "fp32", 8, 1, False, 1024, "none", "fp32", 4),
-    ("cuda-8gb", "8 GB GPU (RTX 3070/4060): QLoRA, one sequence per pass; NF4 answers",
-     7.0, "nf4", "bf16", 1, 8, True, 2048, "nf4", "bf16", 4),
-    ("cuda-12gb", "12 GB GPU (RTX 3060/4070): QLoRA at the seed's batch; bf16 answers",
-     11.0, "nf4", "bf16", 2, 4, True, 2048, "none", "bf16", 8),
-    ("cuda-16gb", "16 GB GPU (RTX 4080, T4, V100-16GB): LoRA on bf16 weights, one sequence per pass",
+    # 1,024 tokens: at 2,048 the logits alone (1 x 2,048 x 151,936, with the loss's fp32 copies) take
+    # 3.5 GiB and the step ~8.3 GiB, more than an 8 GB card has. ~6.1 GiB.
+    ("cuda-8gb", "8 GB GPU (RTX 3070/4060): QLoRA, one sequence of up to 1,024 tokens per pass; NF4 answers",
+     7.0, "nf4", "bf16", 1, 8, True, 1024, "nf4", "bf16", 4),
+    # The seed's 2 x 2,048 in NF4 needs ~12.7 GiB; one sequence per pass ~8.3 GiB.
+    ("cuda-12gb", "12 GB GPU (RTX 3060/4070): QLoRA, one sequence of 2,048 tokens per pass; bf16 answers",
+     11.0, "nf4", "bf16", 1, 8, True, 2048, "none", "bf16", 8),
+    ("cuda-16gb", "16 GB GPU (RTX 4080, T4, V100-16GB): LoRA on bf16 weights, one sequence per pass",  # ~12.4 GiB
      14.5, "none", "bf16", 1, 8, True, 2048, "none", "bf16", 8),
-    ("cuda-24gb", "24 GB GPU (the seed's RTX 4090, A10, RTX 3090): LoRA on bf16 weights, batch 2 x 4",
+    ("cuda-24gb", "24 GB GPU (the seed's RTX 4090, A10, RTX 3090): LoRA on bf16 weights, batch 2 x 4",  # ~16.5 GiB
      22.0, "none", "bf16", 2, 4, True, 2048, "none", "bf16", 16),
-    ("cuda-40gb+", "40 GB or more (A100, H100, L40S): LoRA on bf16 weights, batch 4 x 2",
+    ("cuda-40gb+", "40 GB or more (A100, H100, L40S): LoRA on bf16 weights, batch 4 x 2",  # ~24.5 GiB
      38.0, "none", "bf16", 4, 2, True, 2048, "none", "bf16", 32),
-    ("multi-gpu", "several GPUs (data parallel; per-GPU settings of cuda-24gb, accumulation halved)",
+    ("multi-gpu", "several GPUs (data parallel; per-GPU settings of cuda-24gb, accumulation halved)",  # ~16.5 GiB
      22.0, "none", "bf16", 2, 2, True, 2048, "none", "bf16", 16),
 )
 PROFILES: dict[str, Profile] = {row[0]: Profile(*row) for row in _ROWS}
@@ -101,17 +107,34 @@ def profile_for_memory(total_gib: float, gpus: int = 1) -> str:
     return max(fitting, key=lambda p: p.min_gpu_memory_gib).name if fitting else "cpu"
 
 
-def detect_profile() -> str:
-    """The profile name for this machine: the GPUs torch sees and their memory (smallest GPU counts)."""
+def gpu_memory() -> tuple[int, int]:
+    """(GPUs torch sees, free bytes on this process's GPU); (0, 0) without CUDA. Free, not total: memory
+    other processes hold is not ours to plan with. Only this process's GPU is asked (``LOCAL_RANK`` under
+    torchrun/accelerate): asking another would create a CUDA context there."""
+    import os
+
     import torch
 
     if not torch.cuda.is_available():
+        return 0, 0
+    device = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    free, _total = torch.cuda.mem_get_info(device)
+    return torch.cuda.device_count(), int(free)
+
+
+def detect_profile() -> str:
+    """The profile name for this machine by the table's thresholds: the GPUs torch sees and the free
+    memory of this process's GPU (plus what its CUDA context took, so an idle card counts whole).
+    Training refines this with the memory estimate (`medtune.train.make_plan`)."""
+    from medtune.memory import CUDA_CONTEXT_BYTES
+
+    count, free = gpu_memory()
+    if count == 0:
         return "cpu"
-    count = torch.cuda.device_count()
-    gib = min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / 2**30
+    gib = (free + CUDA_CONTEXT_BYTES) / 2**30
     name = profile_for_memory(gib, count)
     if name == "cpu":
-        log.warning("the GPU has %.1f GiB, less than the %.0f GiB of the smallest GPU profile: using the CPU "
+        log.warning("the GPU has %.1f GiB free, less than the %.0f GiB of the smallest GPU profile: using the CPU "
                     "profile; pass --profile cuda-8gb to try the GPU anyway", gib, PROFILES["cuda-8gb"].min_gpu_memory_gib)
     return name
 

@@ -248,3 +248,71 @@ def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path: Path):
     first = prepare(src, src / "prepared")
     second = prepare(src, src / "prepared")
     assert [f["name"] for f in second["files"]] == [f["name"] for f in first["files"]] == ["a.csv"]
+
+
+# ----------------------------------------------------------------------------- Arrow's parser against Python's
+
+def _python_only(monkeypatch) -> None:
+    def none(src, stream):
+        return 1, None
+        yield  # a generator that hands everything to Python's reader
+
+    monkeypatch.setattr("medtune.data.load._arrow_csv_batches", none)
+
+
+HEADER = "department,title,ask,answer\n"
+TRICKY = {
+    "literal quotes in unquoted fields": '科,小三阳"如何治疗,问"一"下,答""案"\n科,题,"问,""引号""",答\n',
+    "quoted line breaks and commas": '科,题,"第一行\n第二行,还有",答\n科,"题\n\n目",问,"a"",""b"\n',
+    "crlf": "科,题,问,答\r\n科,题,\"多\r\n行\",答\r\n",
+    "blank line": "科,题,问,答\n\n科,题,问二,答二\n",
+    "text after a closing quote": '科,题,"问"题,答\n科,题,问二,答二\n',
+    "doubled quotes opening a field": '科,题,""问,答\n科,题,问二,答二\n',
+    "wrong field count": "科,题,问,答\n科,题,问\n科,题,问三,答三\n",
+    "no final line feed": "科,题,问,答\n科,题,\"问\n二\",答二\n",  # (the last line feed is cut off)
+    "field over the csv limit": "科,题,问,答\n科,题," + "长" * 140_000 + ",答\n",
+}
+
+
+@pytest.mark.parametrize("case", list(TRICKY))
+@pytest.mark.parametrize("piece_bytes", [1 << 20, 40])
+def test_arrow_parser_reads_every_file_as_pythons_csv_does(tmp_path: Path, monkeypatch, case, piece_bytes):
+    """Same rows, lines, rejects and checksum whether Arrow's reader takes a piece or hands it to Python's
+    (pieces of 40 bytes cut most records apart: the cut must fall between records)."""
+    path = tmp_path / "x.csv"
+    text = HEADER + TRICKY[case] * 3
+    path.write_bytes((text.rstrip("\n") if case == "no final line feed" else text).encode("gb18030"))
+    monkeypatch.setattr("medtune.data.load.PIECE_BYTES", piece_bytes)
+    fast = load(path)
+    with monkeypatch.context() as m:
+        _python_only(m)
+        slow = load(path)
+    assert fast.table.equals(slow.table)
+    assert fast.rejects == slow.rejects
+    assert fast.files[0].sha256 == slow.files[0].sha256
+    assert fast.table.num_rows > 0
+    handed_over = _arrow_rows(path)[1]
+    # Python's reader takes over exactly where it rejects a row or Arrow would read the bytes otherwise.
+    assert (handed_over is None) == (case not in ("text after a closing quote", "doubled quotes opening a field",
+                                                  "wrong field count", "field over the csv limit"))
+
+
+def _arrow_rows(path: Path) -> tuple[int, object]:
+    """Rows Arrow's reader parsed, and where it handed over to Python's (None: nowhere)."""
+    from medtune.data.load import SourceFile, TextStream, _arrow_csv_batches
+
+    gen = _arrow_csv_batches(SourceFile(path, path.name, ""), TextStream(path))
+    rows = 0
+    while True:
+        try:
+            rows += next(gen).num_rows
+        except StopIteration as stop:
+            return rows, stop.value
+
+
+def test_arrow_parser_takes_the_whole_sample(sample_csv: Path, monkeypatch):
+    """The real sample (stray quotes, multi-line answers) needs no help from Python's reader."""
+    assert _arrow_rows(sample_csv) == (7644, None)
+    fast = load(sample_csv)
+    _python_only(monkeypatch)
+    assert fast.table.equals(load(sample_csv).table)

@@ -15,7 +15,7 @@ from medtune.chat_format import build_messages
 from medtune.cli import main, parse
 from medtune.data import SPLITS, TOP_DEPARTMENTS
 from medtune.data.clean import load_boilerplate, remove_boilerplate, split_sentences
-from medtune.data.classifier import load_classifier, predict_department
+from medtune.data.classifier import CLASSIFIER_FILE, load_classifier, predict_department
 from medtune.data.prepare import PrepareArgs, prepare
 from medtune.errors import DataError
 
@@ -95,7 +95,7 @@ def test_no_learned_boilerplate_left_in_answers(prepared_sample_dir: Path):
 
 
 def test_classifier_saved_and_usable(prepared_sample_dir: Path):
-    clf = load_classifier(prepared_sample_dir / "department_classifier.joblib")
+    clf = load_classifier(prepared_sample_dir / CLASSIFIER_FILE)
     (label, prob), = predict_department(clf, ["高血压患者能吃党参吗？最近血压160/100"])
     assert label == "心血管科" and 0 < prob <= 1
 

@@ -75,7 +75,7 @@ def test_bad_exam_files_name_file_line_and_field(tmp_path):
         load_exam(ExamArgs(exam=bad))
     key = tmp_path / "key.csv"
     key.write_text(",Question,A,B,C,D,Answer\n0,问题一,甲,乙,丙,丁,A\n1,问题二,甲,乙,丙,丁,E\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"key.csv:3: no valid answer: 'E'"):
+    with pytest.raises(DataError, match=r"key.csv:3 \[Answer\]: no valid answer: 'E'"):
         load_exam(ExamArgs(exam=key))
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text('{"question": "问题", "options": {"A": "甲", "B": "乙"}}\n', encoding="utf-8")
@@ -87,6 +87,36 @@ def test_bad_exam_files_name_file_line_and_field(tmp_path):
         load_exam(ExamArgs(exam=gap, exam_format="generic"))
     with pytest.raises(DataError, match="no .csv file"):
         load_exam(ExamArgs(exam=tmp_path / "empty_dir" if (tmp_path / "empty_dir").mkdir() is None else None))
+
+
+def test_exam_csv_errors_name_the_line_a_record_starts_on_and_its_field(tmp_path):
+    """Records whose quoted fields span lines: the error points at the record's first line, not its last."""
+    header = ",Question,A,B,C,D,Answer\n"
+    good = '0,"成人正常静息心率\n（多行题干）",40,"60\n~100",100,120,B\n'  # lines 2-4
+    cases = {
+        "key": (good + '1,"问题二\n第二行",甲,乙,丙,丁,E\n', r"key.csv:5 \[Answer\]: no valid answer: 'E'"),
+        "question": (good + '1,"  ",甲,乙,丙,丁,A\n', r"question.csv:5 \[Question\]: empty question"),
+        "options": (good + '1,"问题\n二",甲,,,,A\n', r"options.csv:5 \[A,B,C,D\]: fewer than two options"),
+        "count": (good + "1,问题二,甲,乙\n", r"count.csv:5 \[C\]: 4 fields, expected 7"),
+        "quote": (good + '1,"问题"二,甲,乙,丙,丁,A\n', r"quote.csv:5: broken CSV quoting"),
+    }
+    for name, (body, message) in cases.items():
+        path = tmp_path / name / f"{name}.csv"
+        path.parent.mkdir()
+        path.write_text(header + body, encoding="utf-8")
+        with pytest.raises(DataError, match=message) as err:
+            load_exam(ExamArgs(exam=path))
+        assert err.value.line == 5 and err.value.path == path
+    ok = tmp_path / "ok.csv"
+    ok.write_text(header + good + '\n1,"问题二\n第二行",甲,乙,丙,丁,C\n', encoding="utf-8")  # a blank line between
+    first, second = load_exam(ExamArgs(exam=ok))
+    assert first.source.endswith("ok.csv:2") and second.source.endswith("ok.csv:6")
+    assert first.options["B"] == "60\n~100"
+    generic = tmp_path / "generic.csv"
+    generic.write_text('题目,选项,答案\n"第一题\n续",A 甲 B 乙,Z\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"generic.csv:2 \[答案\]: no valid answer: 'Z'"):
+        load_exam(ExamArgs(exam=generic, exam_format="generic", exam_question_field="题目", exam_options_field="选项",
+                           exam_answer_field="答案"))
 
 
 def test_limit(tmp_path):

@@ -53,3 +53,55 @@ def test_conversations_too_long_are_dropped_and_counted(tiny):
     long_answer = build_messages("头痛", "多休息。" * 200)
     result = answer_loss(model, tokenizer, CONVERSATIONS + [long_answer], max_seq_len=256)
     assert (result.examples, result.dropped) == (3, 1)
+
+
+def test_output_layer_runs_only_at_answer_positions_and_matches_the_full_logits(tiny):
+    """The head sees answer positions only; the loss equals the one over full-sequence logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from medtune.train import Collator, tokenize_conversations
+
+    model, tokenizer = tiny
+    dataset, _ = tokenize_conversations(tokenizer, CONVERSATIONS, 2048, source="test")
+    batch = Collator(tokenizer.pad_token_id or 0)([dataset[i] for i in range(len(dataset))])
+    with torch.inference_mode():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    full = float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum"))
+    answer_tokens = int((labels != IGNORE_INDEX).sum())
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    try:
+        result = answer_loss(model, tokenizer, CONVERSATIONS, batch_size=len(CONVERSATIONS))
+    finally:
+        handle.remove()
+    assert seen == [(answer_tokens, model.config.vocab_size)]  # not batch x length x vocabulary
+    assert logits.shape[0] * logits.shape[1] > 3 * answer_tokens
+    assert result.answer_tokens == answer_tokens
+    assert result.loss == pytest.approx(full / answer_tokens, rel=1e-5)
+    # the hook is gone afterwards: a plain forward returns every position again
+    with torch.inference_mode():
+        again = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert again.shape == logits.shape
+
+
+def test_answer_loss_through_a_peft_wrapper(tiny_model_dir, tiny):
+    """An adapter-wrapped model (as evaluation loads it) exposes the same output layer to hook."""
+    from peft import LoraConfig, get_peft_model
+
+    from medtune.modeling import load_base
+
+    model, tokenizer = tiny
+    want = answer_loss(model, tokenizer, CONVERSATIONS)
+    fresh, _ = load_base(tiny_model_dir)
+    wrapped = get_peft_model(fresh, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # B = 0: same function
+    seen = []
+    handle = wrapped.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.dim()))
+    try:
+        got = answer_loss(wrapped, tokenizer, CONVERSATIONS)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {2}
+    assert got.loss == pytest.approx(want.loss, rel=1e-5) and got.answer_tokens == want.answer_tokens

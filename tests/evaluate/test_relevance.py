@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from medtune.evaluate.relevance import draw_candidates, question_containment, relevance
+from medtune.evaluate.relevance import can_rank, draw_candidates, question_containment, question_key, relevance
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,26 @@ def test_question_containment():
     assert question_containment("头痛怎么办", "可以吃布洛芬") == 0.0
     assert question_containment("头痛，怎么办", "头痛多休息") == pytest.approx(1 / 4)  # 头痛 of 头痛/痛怎/怎么/么办
     assert question_containment("痛", "痛") == 0.0
+
+
+@pytest.mark.parametrize("questions", [
+    ["头痛？", "头痛"], ["头痛？", "头痛。", " 头痛 "], ["头痛"], [], ["头痛", "头晕"], ["头痛？", "头痛", "胃痛"],
+    ["乙肝能治好吗？", "乙肝能治好吗"], ["", "？"], ["", "头痛"],
+])
+def test_can_rank_guards_exactly_what_the_draw_accepts(questions):
+    """The guard compares questions as the draw does (punctuation and spaces ignored), not as raw strings."""
+    try:
+        draw_candidates(questions, None, 20, seed=0)
+        drawn = True
+    except ValueError:
+        drawn = False
+    assert can_rank(questions) == drawn
+    if len(set(questions)) >= 2 and len({question_key(q) for q in questions}) < 2:
+        assert not can_rank(questions)  # the raw-string guard would have let these through
+
+
+def test_relevance_with_one_distinct_question_is_refused_not_crashed_into():
+    questions = ["头痛？", "头痛"]
+    assert len(set(questions)) == 2 and not can_rank(questions)
+    with pytest.raises(ValueError, match="at least 2 different questions"):
+        relevance(questions, ["多休息", "吃药"])

@@ -11,7 +11,7 @@ Contract between the stages (and with training/evaluation):
   ``validation.parquet``, ``test.parquet`` with columns ``id, question, answer, department,
   sub_department, source_file, source_line, messages`` (``messages``: list of ``{role, content}``,
   system prompt first, built by `medtune.chat_format.build_messages`); ``rejects.jsonl`` (every dropped
-  row with ``reason``); ``boilerplate.json``; ``manifest.json``; ``department_classifier.joblib``.
+  row with ``reason``); ``boilerplate.json``; ``manifest.json``; ``department_classifier.npz``.
   ``datasets.load_dataset("parquet", data_dir=DIR)`` loads the splits.
 """
 

@@ -2,10 +2,12 @@
 
 Trained by `medtune data prepare` on the train split (the sub-department where known, else the top-level
 department; at most ``max_rows`` rows, sampled with the seed so an 800,000-row corpus stays fast) and
-scored on the test split. Saved as ``department_classifier.joblib``; later stages pick the department of
-a new question with it:
+scored on the test split. Saved as `CLASSIFIER_FILE` (``department_classifier.npz``): plain numpy arrays
+(the TF-IDF weights, the linear model's coefficients, the labels) and a JSON header, read back with
+``allow_pickle=False`` — an adapter downloaded from a hub carries this file, and a pickle (joblib) in it
+could run any code when loaded. Later stages pick the department of a new question with it:
 
-    >>> clf = load_classifier("prepared/department_classifier.joblib")   # doctest: +SKIP
+    >>> clf = load_classifier("prepared/department_classifier.npz")      # doctest: +SKIP
     >>> predict_department(clf, ["高血压能吃党参吗？"])                     # doctest: +SKIP
     [('心血管科', 0.93)]
 
@@ -17,13 +19,15 @@ linear model is `SGDClassifier` (modified Huber loss, which also gives probabili
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: joblib pickle (no longer read: unsafe)
+CLASSIFIER_FILE = "department_classifier.npz"
 
 
 @dataclasses.dataclass
@@ -127,25 +131,72 @@ def predict_department(clf: DepartmentClassifier, questions: Sequence[str]) -> l
 
 
 def save_classifier(clf: DepartmentClassifier, path: Path) -> None:
-    import joblib
+    """Write ``clf`` as numpy arrays + a JSON header (no pickle; see the module docstring)."""
+    from scipy import sparse
 
-    joblib.dump({"format": FORMAT_VERSION, **dataclasses.asdict(clf)}, path)
+    vec, tfidf, linear = (step for _, step in clf.model.steps)
+    header = {"format": FORMAT_VERSION, "level": clf.level, "labels": clf.labels, "train_rows": clf.train_rows,
+              "max_train_rows": clf.max_train_rows, "n_features": vec.n_features,
+              "tfidf": {k: getattr(tfidf, k) for k in ("norm", "use_idf", "smooth_idf", "sublinear_tf")},
+              "linear": type(linear).__name__}
+    arrays: dict[str, np.ndarray] = {"classes": np.asarray(linear.classes_, dtype=str)}
+    if hasattr(tfidf, "idf_"):
+        arrays["idf"] = np.asarray(tfidf.idf_)
+    if isinstance(linear, _sgd_class()):
+        header["sgd"] = {k: getattr(linear, k) for k in ("loss", "alpha", "max_iter", "tol", "random_state")}
+        coef = sparse.csr_matrix(linear.coef_)
+        arrays |= {"coef_data": coef.data, "coef_indices": coef.indices, "coef_indptr": coef.indptr,
+                   "coef_shape": np.asarray(coef.shape), "intercept": np.asarray(linear.intercept_)}
+    arrays["header"] = np.asarray(json.dumps(header, ensure_ascii=False))
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to another suffix
+        np.savez_compressed(f, **arrays)
+
+
+def _sgd_class():
+    from sklearn.linear_model import SGDClassifier
+
+    return SGDClassifier
 
 
 def load_classifier(path: Path | str) -> DepartmentClassifier:
-    """The classifier `medtune data prepare` saved (``department_classifier.joblib``)."""
-    import joblib
+    """The classifier `medtune data prepare` saved (`CLASSIFIER_FILE`), rebuilt as a scikit-learn pipeline."""
+    from scipy import sparse
+    from sklearn.dummy import DummyClassifier
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from sklearn.pipeline import make_pipeline
 
     from medtune.errors import MedtuneError
 
     path = Path(path)
     if not path.is_file():
         raise MedtuneError(f"{path}: no department classifier there; run `medtune data prepare` first")
-    data = joblib.load(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-        raise MedtuneError(f"{path}: not a department classifier written by this version of medtune")
-    data.pop("format")
-    return DepartmentClassifier(**data)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        header = json.loads(str(arrays.pop("header")))
+    except (OSError, ValueError, KeyError) as e:
+        raise MedtuneError(f"{path}: not a department classifier written by medtune ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        raise MedtuneError(f"{path}: not a department classifier written by this version of medtune; "
+                           "run `medtune data prepare` again")
+    n_features = header["n_features"]
+    tfidf = TfidfTransformer(**header["tfidf"])
+    tfidf.n_features_in_ = n_features
+    if "idf" in arrays:
+        tfidf.idf_ = arrays["idf"]
+    classes = arrays["classes"].astype(object)
+    if header["linear"] == "SGDClassifier":
+        linear = _sgd_class()(**header["sgd"])
+        linear.coef_ = sparse.csr_matrix((arrays["coef_data"], arrays["coef_indices"], arrays["coef_indptr"]),
+                                         shape=tuple(arrays["coef_shape"]))
+        linear.intercept_ = arrays["intercept"]
+        linear.classes_ = classes
+        linear.n_features_in_ = n_features
+    else:  # one label only: the majority classifier, refitted on that label
+        linear = DummyClassifier(strategy="most_frequent").fit(np.zeros((1, n_features)), list(classes))
+    model = make_pipeline(CharNgrams(n_features), tfidf, linear)
+    return DepartmentClassifier(model, header["level"], list(header["labels"]), header["train_rows"],
+                                header["max_train_rows"])
 
 
 def train_and_score(train_q: Sequence[str], train_y: Sequence[str], test_q: Sequence[str], test_y: Sequence[str],

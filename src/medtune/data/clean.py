@@ -35,6 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# the sentence helpers later stages use without pyarrow (inference, serving) live in medtune.sentences
+from medtune.sentences import (  # noqa: F401  (re-exported: part of this module's interface)
+    _SEP, CN_PUNCT, KEY_TRIM, SENTENCE_ENDS, _key, load_boilerplate, remove_boilerplate, split_sentences)
+
 # ----------------------------------------------------------------------------- patterns
 
 # Full-width forms that become ASCII: everything in FF01-FF5E except the Chinese sentence punctuation.
@@ -47,7 +51,6 @@ FULLWIDTH_TABLE.update({cp: None for cp in (0x200B, 0x200C, 0x200D, 0xFEFF, 0x7F
 _FULLWIDTH_RE = ("[\\x{ff02}-\\x{ff07}\\x{ff0a}\\x{ff0b}\\x{ff0d}-\\x{ff19}\\x{ff1c}-\\x{ff1e}\\x{ff20}-\\x{ff5e}"
                  "\\x{3000}\\x{a0}\\x{2000}-\\x{200d}\\x{202f}\\x{205f}\\x{feff}\\x{00}-\\x{08}\\x{0b}\\x{0c}"
                  "\\x{0e}-\\x{1f}\\x{7f}]")
-CN_PUNCT = "，。！？；：、“”‘’（）《》【】…"
 _ASCII_TO_CN = {",": "，", "?": "？", "!": "！", ":": "：", ";": "；"}
 
 # Normalisation groups: (cheap pre-filter, regex steps). A group's steps run only on the rows its filter
@@ -84,12 +87,7 @@ _SCRUB_STEPS: list[tuple[str, str]] = [
 ]
 _NEEDS_SCRUB = r"(?i)https?:|www\.|\.(?:com|cn|net|org|cc|info|top)\b|\d{5,}|\d{3,4}[- ]\d{3,}|qq|扣扣|企鹅|微信|weixin|wechat|vx|v信|薇信|@"
 
-SENTENCE_ENDS = "。！？!?；;…\n"
 _SENTENCE_RUN = f"([{SENTENCE_ENDS}]+)"
-_SENTENCE_RUN_PY = re.compile(f"([{re.escape(SENTENCE_ENDS)}]+)")
-_SEP = "\x1f"  # a control character: normalisation removes those, so it never occurs in cleaned text
-# A sentence's key: the sentence without surrounding punctuation and spaces.
-KEY_TRIM = SENTENCE_ENDS + CN_PUNCT + " \t,.:;'\"()[]<>-—~·*#"
 _TITLE_END = f"[{SENTENCE_ENDS}]$"
 _PUNCT_SPACE = r"[^\p{L}\p{N}]+"
 
@@ -204,11 +202,6 @@ def sentence_key(arr: pa.Array) -> pa.Array:
     return pc.utf8_trim(arr, characters=KEY_TRIM)
 
 
-def split_sentences(text: str) -> list[str]:
-    """One text's sentences, each with its ending marks (the Python twin of the Arrow split)."""
-    return [s for s in _SENTENCE_RUN_PY.sub("\\1" + _SEP, text).split(_SEP) if s]
-
-
 def sentence_counts(answers: pa.Array | pa.ChunkedArray, answer_ids: pa.Array | None = None,
                     min_answers: int = 1, min_chars: int = 2) -> tuple[pa.Table, int]:
     """(table of sentence ``key`` → ``answers`` holding it, for keys in ≥ ``min_answers``; distinct answers).
@@ -310,29 +303,6 @@ def _where_mask(answers: pa.Array, value_set: pa.Array) -> tuple[pa.Array, pa.Ar
     if not pc.any(mask).as_py():
         return None
     return mask, answers.filter(mask)
-
-
-def _key(sentence: str) -> str:
-    return sentence.strip(KEY_TRIM)
-
-
-def remove_boilerplate(text: str, phrases: Iterable[str]) -> str:
-    """``text`` without its sentences that are boilerplate (``phrases``: learned sentences or their keys).
-
-    Later stages pass a generated answer and the list from ``boilerplate.json``.
-    """
-    keys = phrases if isinstance(phrases, (set, frozenset)) else {_key(p) for p in phrases}
-    kept = [s for s in split_sentences(text) if _key(s) not in keys]
-    return "".join(kept).strip()
-
-
-def load_boilerplate(path) -> list[str]:
-    """The learned sentences from a ``boilerplate.json`` written by `medtune data prepare`."""
-    import json
-    from pathlib import Path
-
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [e["sentence"] for e in data.get("sentences", [])]
 
 
 # ----------------------------------------------------------------------------- lengths

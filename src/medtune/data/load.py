@@ -14,9 +14,12 @@ Accepted inputs:
 
 CSV columns: ``ask`` and ``answer`` are required, ``title`` and ``department`` optional (header names
 are matched case-insensitively). Each file's encoding is detected on its own (`TextStream`): a UTF-8
-BOM, UTF-8, else GB18030 (a superset of GBK and GB2312). A file is decoded as it is read and parsed in
-batches of `BATCH_ROWS` records with Python's `csv` module (which reports the line each record starts
-on), in worker processes when there are several files; a ``transform`` may process each batch there.
+BOM, UTF-8, else GB18030 (a superset of GBK and GB2312). A CSV is read in pieces of whole records,
+each decoded at once and parsed by Arrow's C++ CSV reader; the line each record starts on comes from the
+piece's line feeds outside quotes. Where Arrow could read a piece differently from Python's strict `csv`
+module (text after a closing quote, a wrong field count, undecodable bytes, ...), Python's reader takes
+over from that piece on and rejects the rows it cannot read, each with its line. Rows come in batches of
+`BATCH_ROWS`, in worker processes when there are several files; a ``transform`` may process each batch there.
 
 Bad input: an error naming the file and line (`DataError`) where the file cannot be read as a whole —
 empty or binary file, undecodable text, a missing column, an unclosed quote swallowing the rest of the
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from medtune.data import TOP_DEPARTMENTS
 from medtune.errors import DataError
@@ -204,9 +208,10 @@ class TextStream:
         decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         bad = 0
         for chunk in self._chunks():
-            bad += len(_SURROGATE.findall(decoder.decode(chunk)))
-            if bad > self.limit:
-                return "gb18030"
+            for at in range(0, len(chunk), 1 << 16):  # GB18030 text fails within the first few KB
+                bad += len(_SURROGATE.findall(decoder.decode(chunk[at:at + (1 << 16)])))
+                if bad > self.limit:
+                    return "gb18030"
         # A few undecodable bytes: real UTF-8 with damage, or a short GBK text whose byte pairs happen
         # to be valid UTF-8 (头 = CD B7). A clean GB18030 decoding decides for GB18030.
         return "gb18030" if bad and self._decodes("gb18030") else "utf-8"
@@ -289,35 +294,44 @@ def _reject(src: SourceFile, line: int, reason: str, detail: str, raw: str | tup
 
 
 def _csv_batches(src: SourceFile, stream: TextStream, rejects: list[dict]) -> Iterator[pa.Table]:
-    """Raw-row tables of at most `BATCH_ROWS` rows; unparseable records go to ``rejects``."""
-    reader = csv.reader(stream, strict=True)
-    try:
-        header = next(reader)
-    except (StopIteration, csv.Error) as e:
-        raise DataError(f"cannot read the CSV header: {e}", src.path, 1) from None
-    names = [h.strip().lstrip("\ufeff").lower() for h in header]
-    for col in REQUIRED_CSV:
-        if col not in names:
-            raise DataError(f"missing column {col!r}: the header is {','.join(header)!r}; expected "
-                            "department,title,ask,answer", src.path, 1, col)
+    """Raw-row tables of `BATCH_ROWS` rows (the last may be smaller); unparseable records go to ``rejects``.
+
+    Arrow's CSV parser reads the file piece by piece (`_arrow_csv_batches`); from the first piece it does
+    not accept as exactly what Python's ``csv`` module would make of it, Python's parser takes over.
+    """
+    resume = yield from _rebatch(_arrow_csv_batches(src, stream))
+    if resume is None:
+        return
+    line, names = resume
+    lines: Iterator[str] = iter(stream)
+    if names is not None:  # the header and the rows before ``line`` were parsed already
+        lines = itertools.islice(lines, line - 1, None)
+    reader = csv.reader(lines, strict=True)
+    offset = 0 if names is None else line - 1  # reader.line_num counts from where it starts
+    if names is None:
+        try:
+            header = next(reader)
+        except (StopIteration, csv.Error) as e:
+            raise DataError(f"cannot read the CSV header: {e}", src.path, 1) from None
+        names = _header_names(src, header)
     width = len(names)
     rows: list[list[str]] = []
     starts: list[int] = []
-    prev = reader.line_num
+    prev = reader.line_num + offset
     while True:
         try:
             rec = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            start, prev = prev + 1, reader.line_num
+            start, prev = prev + 1, reader.line_num + offset
             if str(e) == "unexpected end of data":
                 raise DataError(f"broken quoting: the quoted field that starts on line {start} is never closed "
                                 f"(it runs to the end of the file, line {prev})", src.path, start) from None
             span = f"lines {start}-{prev}" if prev > start else f"line {start}"
             rejects.append(_reject(src, start, "broken_quoting", f"CSV quoting error on {span}: {e}", (start, prev)))
             continue
-        start, prev = prev + 1, reader.line_num
+        start, prev = prev + 1, reader.line_num + offset
         if len(rec) == width:
             rows.append(rec)
             starts.append(start)
@@ -335,6 +349,208 @@ def _csv_batches(src: SourceFile, stream: TextStream, rejects: list[dict]) -> It
                                    (start, prev)))
     if rows:
         yield _csv_table(src, names, rows, starts, stream.bad, rejects)
+
+
+def _header_names(src: SourceFile, header: list[str]) -> list[str]:
+    names = [h.strip().lstrip("\ufeff").lower() for h in header]
+    for col in REQUIRED_CSV:
+        if col not in names:
+            raise DataError(f"missing column {col!r}: the header is {','.join(header)!r}; expected "
+                            "department,title,ask,answer", src.path, 1, col)
+    return names
+
+
+def _rebatch(tables: Iterator[pa.Table]):
+    """``tables`` re-cut into `BATCH_ROWS`-row tables (the batches of the Python parser, so that per-batch
+    work such as the boilerplate counts sees the same rows); returns what ``tables`` returned."""
+    held: list[pa.Table] = []
+    count = 0
+    while True:
+        try:
+            t = next(tables)
+        except StopIteration as stop:
+            if held:
+                yield pa.concat_tables(held).combine_chunks()
+            return stop.value
+        held.append(t)
+        count += t.num_rows
+        while count >= BATCH_ROWS:
+            whole = pa.concat_tables(held)
+            yield whole.slice(0, BATCH_ROWS).combine_chunks()
+            rest = whole.slice(BATCH_ROWS)
+            held, count = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+PIECE_BYTES = 16 << 20  # bytes of a file handed to Arrow's CSV parser at a time
+_QUOTE, _COMMA, _LF, _CR = 0x22, 0x2C, 0x0A, 0x0D
+
+
+def _arrow_csv_batches(src: SourceFile, stream: TextStream):
+    """Raw-row tables parsed by Arrow's C++ CSV reader, one per piece of about `PIECE_BYTES`.
+
+    Pieces are cut at the line feeds that end a record (`_record_ends`), so each holds whole records, and
+    each record's first line is counted from the bytes. A piece is taken only when Python's strict
+    ``csv`` reader would read it the same way (`_record_ends` finds nothing it would reject or read
+    otherwise), it decodes without error, and Arrow finds as many records as there are. Otherwise this
+    returns (the line to resume at, the header's names or None): Python's reader continues there, with
+    its per-row rejects and messages. Returns None when the whole file was read (then the file's sha256,
+    computed on the way, is the stream's).
+    """
+    import numpy as np
+    import pyarrow.csv as pacsv
+
+    if stream.encoding not in ("gb18030", "utf-8", "utf-8-sig"):
+        return 1, None
+    sha = hashlib.sha256()
+    names: list[str] | None = None
+    line, carry = 1, b""
+    with open(stream.path, "rb") as f:
+        while True:
+            chunk = f.read(PIECE_BYTES)
+            sha.update(chunk)
+            data = carry + chunk
+            if chunk:
+                ends = _record_ends(np.frombuffer(data, np.uint8))
+                if ends is None:  # quoting Python's strict reader would reject: let it report the rows
+                    return line, names
+                if len(ends) == 0:
+                    carry = data
+                    continue
+                cut = int(ends[-1]) + 1
+                piece, carry = data[:cut], data[cut:]
+            else:  # the end of the file: its last record may lack a line feed, but no quote may stay open
+                piece, carry = data, b""
+                ends = _record_ends(np.frombuffer(piece, np.uint8), final=True)
+                if ends is None:
+                    return line, names
+            if piece:
+                if names is None and line == 1 and stream.encoding == "utf-8-sig" and piece.startswith(codecs.BOM_UTF8):
+                    piece, ends = piece[len(codecs.BOM_UTF8):], ends - len(codecs.BOM_UTF8)
+                parsed = _arrow_piece(src, piece, ends, names, line, stream.encoding, pacsv)
+                if parsed is None:
+                    return line, names
+                names, table, line = parsed
+                if table is not None and table.num_rows:
+                    yield table
+            if not chunk:
+                break
+    stream.sha256, stream._hashed = sha, True
+    return None
+
+
+def _record_ends(arr, final: bool = False):
+    """Positions of the line feeds in the bytes ``arr`` (starting at a record) that end a record, or None
+    where Python's strict csv reader and Arrow's reader might read the bytes differently.
+
+    Quotes are walked run by run (a few thousand per piece) as Python's reader takes them: at a field's
+    start a run opens a quoted field, inside one pairs are escaped quotes and an odd one closes it, which
+    must be followed by a delimiter or a line end; elsewhere in an unquoted field quotes are literal text
+    (Arrow reads all of these the same way). None also for a NUL byte, a bare carriage return, or (with
+    ``final``) a quoted field still open at the end.
+    """
+    import numpy as np
+
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if (arr == 0).any():
+        return None
+    cr = np.flatnonzero(arr == _CR)
+    if len(cr) and cr[-1] == n - 1:
+        if final:
+            return None
+        cr = cr[:-1]  # its line feed may open the next read
+    if len(cr) and (arr[cr + 1] != _LF).any():
+        return None
+    feeds = np.flatnonzero(arr == _LF)
+    q = np.flatnonzero(arr == _QUOTE)
+    if len(q) == 0:
+        return feeds
+    first = np.concatenate([[True], q[1:] != q[:-1] + 1])
+    starts = q[first]
+    lengths = np.diff(np.concatenate([np.flatnonzero(first), [len(q)]]))
+    ends = starts + lengths  # the byte after each run
+    before = np.where(starts > 0, arr[np.maximum(starts - 1, 0)], _LF).tolist()
+    after = np.where(ends < n, arr[np.minimum(ends, n - 1)], -1).tolist()
+    inside_after = []
+    inside = False
+    for b, a, k in zip(before, after, lengths.tolist()):
+        if not inside:
+            if b not in (_COMMA, _LF):
+                inside_after.append(False)  # literal quotes in an unquoted field
+                continue
+            k -= 1  # opens a quoted field
+            inside = True
+        if k % 2:  # escaped pairs, then the closing quote
+            inside = False
+            if a not in (_COMMA, _LF, _CR, -1):
+                return None  # text after a closing quote: Python rejects the row, Arrow would keep it
+        inside_after.append(inside)
+    if final and inside:
+        return None
+    state = np.array(inside_after, dtype=bool)
+    run = np.searchsorted(starts, feeds) - 1  # the last quote run before each line feed
+    return feeds[(run < 0) | ~state[np.maximum(run, 0)]]
+
+
+def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, line: int, encoding: str, pacsv):
+    """(names, raw-row table or None, the line after the piece) for one piece of whole records (``ends``:
+    the line feeds that end them, from `_record_ends`), or None to hand over."""
+    import numpy as np
+
+    arr = np.frombuffer(piece, np.uint8)
+    python_encoding = "gb18030" if encoding == "gb18030" else "utf-8"
+    if names is None:  # the header is the first record
+        end = int(ends[0]) + 1 if len(ends) else len(piece)
+        try:
+            header = next(csv.reader(io.StringIO(piece[:end].decode(python_encoding), newline=""), strict=True))
+        except (StopIteration, csv.Error, UnicodeDecodeError):
+            return None
+        names = _header_names(src, header)
+        if len(set(names)) != len(names) or not all(names):
+            return None  # Arrow needs distinct, non-empty column names
+        line += piece.count(b"\n", 0, end)
+        piece, arr, ends = piece[end:], arr[end:], ends[ends >= end] - end
+    after = line + piece.count(b"\n")  # the line that follows the piece
+    # Each record's first line, from where the records start; blank lines (no record) are left out.
+    first = np.concatenate([[0], ends + 1])
+    last = np.concatenate([ends, [len(piece)]])
+    if first[-1] == len(piece):  # the piece ends with a line feed
+        first, last = first[:-1], last[:-1]
+    size = last - first
+    blank = (size == 0) | ((size == 1) & (arr[np.minimum(first, len(arr) - 1)] == _CR)) if len(arr) else size == 0
+    first = first[~blank]
+    if len(first) == 0:
+        return names, None, after
+    starts = line + np.searchsorted(np.flatnonzero(arr == _LF), first)
+    try:
+        # Arrow checks UTF-8 itself; GB18030 is decoded by Python's codec, all of the piece at once.
+        text = piece.decode("gb18030").encode("utf-8") if python_encoding == "gb18030" else piece
+        table = pacsv.read_csv(
+            io.BytesIO(text), read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False))
+    except (UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    n = table.num_rows
+    if n != len(starts):
+        return None  # Arrow split the records differently: let Python's reader account for them
+    limit = csv.field_size_limit()  # Python's reader rejects longer fields: leave those records to it
+    if any((pc.max(pc.utf8_length(c)).as_py() or 0) > limit for c in table.columns):
+        return None
+    cols = {name: table.column(i) for i, name in enumerate(names)}  # `_rebatch` makes them contiguous
+
+    def col(name: str) -> pa.ChunkedArray:
+        return cols[name] if name in cols else pa.chunked_array([pa.repeat("", n)])
+
+    out = pa.table({
+        "title": col("title"), "ask": col("ask"), "answer": col("answer"),
+        "department": pa.repeat(src.department, n), "sub_department": col("department"),
+        "system": pa.repeat("", n), "history": pa.repeat("[]", n), "source_file": pa.repeat(src.name, n),
+        "source_line": pa.array(starts, pa.int64()),
+    }, schema=RAW_SCHEMA)
+    return names, out, after
 
 
 def _csv_table(src: SourceFile, names: list[str], rows: list[list[str]], starts: list[int], bad_bytes: int,

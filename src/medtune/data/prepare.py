@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 
 from medtune.config import arg
 from medtune.data import SPLITS
+from medtune.data.classifier import CLASSIFIER_FILE
 from medtune.errors import DataError, MedtuneError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ SPLIT_RECALL = 0.98
 ROW_GROUP = 100_000  # rows per Parquet row group in the split files
 CLASSIFIER_TEST_ROWS = 20_000  # the accuracy is measured on at most this many test rows (±0.3% at 95%)
 OUTPUT_FILES = ("train.parquet", "validation.parquet", "test.parquet", "rejects.jsonl", "boilerplate.json",
-                "manifest.json", "department_classifier.joblib")
+                "manifest.json", CLASSIFIER_FILE)
 REJECT_SCHEMA = pa.schema([
     ("reason", pa.string()), ("source_file", pa.string()), ("source_line", pa.int64()), ("detail", pa.string()),
     ("duplicate_of", pa.string()), ("department", pa.string()), ("sub_department", pa.string()),
@@ -735,7 +736,7 @@ def _classifier_job(rows: _Ledger, kept: np.ndarray, split: np.ndarray, settings
     for idx in picks:
         args += [questions.slice(start, len(idx)).to_pylist(), _gather(pa.table({"l": label}), idx)["l"].to_pylist()]
         start += len(idx)
-    return functools.partial(classifier.train_and_score, *args, path=output / "department_classifier.joblib",
+    return functools.partial(classifier.train_and_score, *args, path=output / CLASSIFIER_FILE,
                              max_rows=settings.classifier_max_rows, seed=settings.seed, level=level)
 
 

@@ -139,28 +139,53 @@ def parse_options(value: Any) -> dict[str, str]:
 
 
 def _question(path: Path, line: int, *, question: Any, options: dict[str, str], answer: Any, subject: Any,
-              category: Any, fields: Sequence[str] = ()) -> ExamQuestion:
-    """A checked `ExamQuestion`; `DataError` naming ``path:line`` when it cannot be scored."""
-    where = dict(path=path, line=line)
+              category: Any, fields: Sequence[str] = (),
+              names: tuple[str, str, str] = ("question", "options", "answer")) -> ExamQuestion:
+    """A checked `ExamQuestion`; `DataError` naming ``path:line [field]`` when it cannot be scored.
+
+    ``names``: the file's own names of the question, options and answer fields (for the message).
+    """
+    question_field, options_field, answer_field = names
     options = {k: v for k, v in options.items() if k in LETTERS and v}
     if not str(question or "").strip():
-        raise DataError("empty question", **where)
+        raise DataError("empty question", path, line, question_field)
     if len(options) < 2:
-        raise DataError(f"fewer than two options ({', '.join(options) or 'none'})", **where)
+        raise DataError(f"fewer than two options ({', '.join(options) or 'none'})", path, line, options_field)
     letters = list(options)
     if letters != list(LETTERS[:len(letters)]):
-        raise DataError(f"options {', '.join(letters)} are not A, B, C, ... in order", **where)
+        raise DataError(f"options {', '.join(letters)} are not A, B, C, ... in order", path, line, options_field)
     key = parse_key(answer, letters, fields)
     if not key:
-        raise DataError(f"no valid answer: {answer!r} (options {''.join(letters)})", **where)
+        raise DataError(f"no valid answer: {answer!r} (options {''.join(letters)})", path, line, answer_field)
     return ExamQuestion(str(question).strip(), options, key, str(subject or "").strip(), str(category or "").strip(),
                         f"{path}:{line}")
 
 
 def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-    for record in reader:
-        yield reader.line_num, record
+    """(line the record starts on, record by header name); a quoted field may span several lines."""
+    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                        strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"cannot read the CSV header: {e}", path, 1) from None
+    prev = reader.line_num
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"broken CSV quoting in the record that starts here: {e}", path, prev + 1) from None
+        start, prev = prev + 1, reader.line_num
+        if not values:
+            continue  # a blank line
+        if len(values) != len(header):
+            field = header[len(values)] if len(values) < len(header) else None
+            raise DataError(f"{len(values)} fields, expected {len(header)} as in the header", path, start, field)
+        yield start, dict(zip(header, values))
 
 
 def _json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -203,7 +228,8 @@ def load_cmmlu(path: Path) -> list[ExamQuestion]:
             raise DataError(f"not a CMMLU file: no {', '.join(missing)} column (header {','.join(header)})", file, 1)
         for line, r in _csv_records(file):
             out.append(_question(file, line, question=r["Question"], options={k: r[k] for k in "ABCD"},
-                                 answer=r["Answer"], subject=file.stem, category=""))
+                                 answer=r["Answer"], subject=file.stem, category="",
+                                 names=("Question", "A,B,C,D", "Answer")))
     return out
 
 
@@ -217,7 +243,7 @@ def load_cmb(path: Path) -> list[ExamQuestion]:
                 raise DataError("not a CMB record: no 'option' field", file, line, "option")
             out.append(_question(file, line, question=r.get("question"), options=parse_options(r["option"]),
                                  answer=r.get("answer"), subject=r.get("exam_subject") or r.get("exam_class") or "",
-                                 category=r.get("exam_type") or ""))
+                                 category=r.get("exam_type") or "", names=("question", "option", "answer")))
     return out
 
 
@@ -238,6 +264,8 @@ def load_generic(path: Path, args: ExamArgs) -> list[ExamQuestion]:
                        else parse_options(r[args.exam_options_field]))
             out.append(_question(file, line, question=r[args.exam_question_field], options=options,
                                  answer=r[args.exam_answer_field], fields=fields,
+                                 names=(args.exam_question_field, ",".join(fields) or args.exam_options_field,
+                                        args.exam_answer_field),
                                  subject=r.get(args.exam_subject_field, "") if args.exam_subject_field else "",
                                  category=r.get(args.exam_category_field, "") if args.exam_category_field else ""))
     return out

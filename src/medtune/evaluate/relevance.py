@@ -66,6 +66,25 @@ def question_containment(question: str, answer: str) -> float:
     return len(q & _bigrams(answer)) / len(q) if q else 0.0
 
 
+def question_key(question: str) -> str:
+    """What tells two questions apart for relevance: letters and digits only (``头痛？`` and ``头痛`` are one)."""
+    return _NOT_TEXT.sub("", question)
+
+
+def can_rank(questions: Sequence[str]) -> bool:
+    """Whether `relevance` can score these questions: at least two differ by `question_key`.
+
+    The guard before calling `relevance`: comparing the raw strings would let ``["头痛？", "头痛"]`` through
+    and `draw_candidates` would then refuse them.
+    """
+    keys: set[str] = set()
+    for q in questions:
+        keys.add(question_key(q))
+        if len(keys) >= 2:
+            return True
+    return False
+
+
 def draw_candidates(questions: Sequence[str], groups: Sequence[str | None] | None = None,
                     n_candidates: int = N_CANDIDATES, seed: int = 0) -> "np.ndarray":
     """Candidate question indices, one row per item: its own index first, then distractors.
@@ -78,10 +97,10 @@ def draw_candidates(questions: Sequence[str], groups: Sequence[str | None] | Non
 
     n = len(questions)
     ids: dict[str, int] = {}
-    keys = np.array([ids.setdefault(_NOT_TEXT.sub("", q), len(ids)) for q in questions], dtype=np.int64)
+    keys = np.array([ids.setdefault(question_key(q), len(ids)) for q in questions], dtype=np.int64)
     k = min(n_candidates, len(ids))
-    if k < 2:
-        raise ValueError(f"relevance needs at least 2 different questions, got {len(ids)}")
+    if k < 2:  # `can_rank` tells beforehand
+        raise ValueError(f"relevance needs at least 2 different questions (punctuation ignored), got {len(ids)}")
     labels = np.asarray([g or "" for g in groups] if groups is not None else [""] * n, dtype=object)
     if len(labels) != n:
         raise ValueError(f"{n} questions but {len(labels)} groups")

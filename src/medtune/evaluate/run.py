@@ -25,13 +25,14 @@ from typing import Any, Callable, Iterator, Literal
 
 from medtune.chat_format import DEFAULT_PROMPT_FORMAT, Message
 from medtune.config import ModelArgs, arg
+from medtune.data.classifier import CLASSIFIER_FILE
 from medtune.errors import DataError
 from medtune.evaluate.exam import ExamArgs
 
 log = logging.getLogger(__name__)
 
 REFERENCE = "reference"
-CLASSIFIER = "department_classifier.joblib"
+CLASSIFIER = CLASSIFIER_FILE
 
 
 @dataclasses.dataclass
@@ -172,13 +173,13 @@ def answer_metrics(examples: Examples, answers: list[str], finish_reasons: list[
                    settings: EvalArgs) -> dict[str, Any]:
     """Reference-free figures (relevance, length, department), plus BLEU/ROUGE unless these are the references."""
     from medtune.evaluate.metrics import corpus_bleu, length_stats, similarity_scores
-    from medtune.evaluate.relevance import relevance
+    from medtune.evaluate.relevance import can_rank, relevance
 
     out: dict[str, Any] = {}
     if finish_reasons is not None:
         out.update(similarity_scores(answers, examples.references))
         out["corpus_bleu"] = corpus_bleu(answers, examples.references)
-    if len(set(examples.questions)) >= 2:
+    if can_rank(examples.questions):
         out["relevance"] = relevance(examples.questions, answers, examples.groups, references=examples.references,
                                      n_candidates=settings.candidates, seed=settings.seed).as_dict()
     out["length"] = length_stats(answers, examples.references, finish_reasons)
@@ -270,6 +271,10 @@ def evaluate(model: ModelArgs, data: Path, output: Path, evaluation: EvalArgs = 
     write_report(output, metrics, examples, {name: [a.answer for a in got] for name, got in answers.items()},
                  settings.samples)
     log.info("wrote %s", output / "report.md")
+    from medtune.modelcard import record_evaluations
+
+    for card_dir in record_evaluations(_jsonable(metrics), info.adapters, info.base_path, output):
+        log.info("added the figures to the model card %s", card_dir / "README.md")
     return output
 
 
