@@ -100,14 +100,17 @@ def run(out: Path, steps: int = 80) -> None:
     step("5/6 evaluate base vs fine-tuned on held-out questions", "eval", "--model", str(model_dir), "--adapter",
          str(adapter), "--data", str(data), "--output", str(out / "eval"), "--profile", "cpu", "--limit",
          str(EVAL_EXAMPLES), "--max-new-tokens", "64", "--batch-size", "8")
-    shown = [(q, step(f"6/6 answer: {q}", "ask", q, "--model", str(model_dir), "--adapter", str(adapter), "--profile",
-                     "cpu", "--department", d, "--greedy", "--max-new-tokens", "80", capture=True)) for q, d in QUESTIONS]
+    shown = [(q, step(f"6/6 answer: {q}", "ask", q, "--model", str(model_dir), "--adapter", str(adapter),
+                      "--profile", "cpu", "--department", d, "--greedy", "--max-new-tokens", "80", capture=True))
+             for q, d in QUESTIONS]
     lines = ["# medtune demo", "",
              "The model here is a **tiny, randomly initialised Qwen3** trained for a few steps on the CPU: it only",
              "shows the machinery, and its answers are not medical advice. The same commands with a real model:",
              "", f"    {REAL_COMMAND}", "",
              "- Data report: [data/report/report.md](data/report/report.md)",
+             "- Training loss: [tiny-lora/loss_curve.png](tiny-lora/loss_curve.png)",
              "- Evaluation, base vs fine-tuned: [eval/report.md](eval/report.md)", "",
+             "![loss curve](tiny-lora/loss_curve.png)", "",
              "![metrics](eval/metrics.png)", "",
              "- Adapter: `tiny-lora/` (with `medtune.json`, the data manifest and the department classifier)", "",
              "## Sample answers", ""]
