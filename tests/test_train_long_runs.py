@@ -130,9 +130,10 @@ def test_two_process_ddp_on_the_cpu_writes_one_adapter(tiny_model_dir: Path, sam
     raw = tmp_path / "raw.csv"  # raw data: one process prepares it while the other waits
     raw.write_text("".join(text.splitlines(keepends=True)[:201]), encoding="utf-8")
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_cpu_threads_per_process", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "medtune", "train", "--model", str(tiny_model_dir), "--data", str(raw), "--output", str(out),
+    # torchrun, not `accelerate launch --cpu`: accelerate starts several CPU processes only through mpirun and
+    # otherwise runs one, which would pass this test without any DDP.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medtune",
+           "train", "--model", str(tiny_model_dir), "--data", str(raw), "--output", str(out),
            "--profile", "cpu", "--max-steps", "2", "--micro-batch", "2", "--max-seq-len", "512", "--eval-steps", "0",
            "--no-tensorboard", "--logging-steps", "1"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -140,5 +141,6 @@ def test_two_process_ddp_on_the_cpu_writes_one_adapter(tiny_model_dir: Path, sam
     assert (out / "adapter_model.safetensors").is_file() and (out.with_name("ddp-data") / "train.parquet").is_file()
     manifest = json.loads((out / "medtune.json").read_text(encoding="utf-8"))
     assert manifest["result"]["steps"] == 2
+    assert done.stderr.count("INFO medtune.train: padding:") == 2  # two processes trained
     assert done.stderr.count("wrote the adapter") == 1  # one process saved it
     assert len(list(tmp_path.glob("ddp*"))) == 2  # the adapter and its prepared data, nothing else
