@@ -94,9 +94,7 @@ def build_app(assistant: Any, server: ServeArgs, gen: GenerationArgs, api_key: s
     engine = Engine(assistant.model, assistant.tokenizer, stop_token_ids(assistant.tokenizer, assistant.prompt_format),
                     max_batch=gen.batch_size, max_queue=server.max_queue, seed=gen.seed,
                     boilerplate=assistant.boilerplate)
-    defaults = SamplingParams(max_tokens=min(gen.max_new_tokens, server.max_tokens_limit),
-                              temperature=0.0 if gen.greedy else gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                              min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
+    defaults = SamplingParams.defaults(gen, server.max_tokens_limit)
     config = AppConfig(model_id=served_model_id(info.adapters, info.base), root=info.base, department=department,
                        api_key=api_key, cors_origins=list(server.cors_origin),
                        log_content=server.log_content, max_body_bytes=server.max_body_kb * 1024,

@@ -55,7 +55,7 @@ class AppConfig:
     max_messages: int = 64
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 2048
-    defaults: SamplingParams = SamplingParams(max_tokens=512, repetition_penalty=1.05)
+    defaults: SamplingParams = dataclasses.field(default_factory=SamplingParams.defaults)
 
 
 class APIError(Exception):

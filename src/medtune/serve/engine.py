@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 from medtune.chat_format import strip_think
 
 if TYPE_CHECKING:
+    from medtune.infer import GenerationArgs
     import torch
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+
+    @classmethod
+    def defaults(cls, gen: "GenerationArgs | None" = None, max_tokens_limit: int | None = None) -> "SamplingParams":
+        """A request's defaults from the command line's generation settings (`medtune.infer.GenerationArgs`)."""
+        from medtune.infer import GenerationArgs
+
+        gen = gen or GenerationArgs()
+        limit = gen.max_new_tokens if max_tokens_limit is None else min(gen.max_new_tokens, max_tokens_limit)
+        return cls(max_tokens=limit, temperature=0.0 if gen.greedy else gen.temperature, top_p=gen.top_p,
+                   top_k=gen.top_k, min_p=gen.min_p, repetition_penalty=gen.repetition_penalty)
 
 
 @dataclasses.dataclass
