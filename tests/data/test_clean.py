@@ -141,3 +141,70 @@ def test_lengths_in_characters_or_tokens():
     arr = pa.array(["高血压", "", "abc def"])
     assert lengths(arr).tolist() == [3, 0, 7]
     assert lengths(arr, lambda batch: [len(s.split()) for s in batch], batch_size=2).tolist() == [1, 0, 2]
+
+
+def _reference_counts(texts: list[str], min_chars: int = 2) -> dict[str, int]:
+    """Per sentence key, the distinct texts holding it (the Python rules of `medtune.sentences`)."""
+    from collections import Counter
+
+    from medtune.sentences import _key
+
+    counts: Counter = Counter()
+    for text in set(texts):
+        counts.update({k for k in (_key(s) for s in split_sentences(text)) if len(k) >= min_chars})
+    return dict(counts)
+
+
+def test_compiled_sentence_counts_match_the_python_rules(answers):
+    from medtune.data.clean import sentence_counts
+
+    tricky = ["多喝水。。多休息！！祝早日康复…", "  多喝水。 (多休息) ", "多喝水!多休息?", "a。b。c", "。。。",
+              "😀表情😀。多喝水", "“多喝水”。多休息；多休息;", "", "多喝水\n\n多休息\n", "多 喝 水 。"]
+    texts = answers.to_pylist()[:3000] + tricky
+    table, distinct = sentence_counts(pa.array(texts))
+    assert distinct == len(set(texts))
+    assert dict(zip(table["key"].to_pylist(), table["answers"].to_pylist())) == _reference_counts(texts)
+    # copies marked by their ids count once; min_answers keeps only frequent keys
+    ids = pa.array([0, 0, 1], pa.uint64())
+    table, distinct = sentence_counts(pa.array(["多喝水。", "多喝水。", "多喝水。少熬夜"]), ids, min_answers=2)
+    assert distinct == 2 and table.to_pylist() == [{"key": "多喝水", "answers": 2}]
+
+
+def test_compiled_strip_matches_the_python_twin_on_tricky_texts():
+    phrases = ["多喝水", "祝早日康复", "多休息"]
+    texts = ["多喝水。。多休息！！祝早日康复…", "  多喝水。 (多休息) ", "看医生。多喝水!多休息?好", "😀表情😀。多喝水",
+             "“多喝水”。多休息；多休息;", "", "多喝水\n\n多休息\n注意", None, "多喝水啊。"]
+    out, removed = strip_boilerplate(pa.array(texts), phrases)
+    assert out.to_pylist() == [None if t is None else remove_boilerplate(t, phrases) if any(
+        k in t for k in phrases) else t for t in texts]
+    assert removed == {"多喝水": 6, "多休息": 6, "祝早日康复": 1}
+
+
+TRICKY = [
+    "好,好,好.好.好", "a , 好", "好 ,a", "你好 , 我", ",好", "好,", "好 ?", "？？？！！！。。，，",
+    "，。、；：好", "注意饮食，，。。多休息", "  \t\n 开头", "第一行\r\n\r\n  \t第二行\r结束  ", "头痛 （发热） 咳嗽",
+    "“引号” 《书名》 【标记】", "ＡＢＣ１２３％　ｘ", "零\u200b宽\u200d\ufeff字\x07符\x0b\x0c", "6.1mmol/L。血糖.", "好.",
+    "𠀀字.𠀁", "emoji😀,好", "网址 www.example.com ,电话 13812345678 .", "", "，", "\n\n", "！！好！！！", "：；好：；，",
+]
+
+
+def test_compiled_normalisation_matches_the_regex_rules(sample_csv):
+    from medtune.data.clean import normalise_text_reference
+
+    table = load(sample_csv).table
+    for col in ("title", "ask", "answer"):
+        texts = pa.concat_arrays([table[col].combine_chunks(), pa.array(TRICKY)])
+        assert normalise_text(texts).to_pylist() == normalise_text_reference(texts).to_pylist()
+    with_nulls = pa.array(["好 , 好", None, "a"])
+    assert normalise_text(with_nulls).to_pylist() == ["好，好", None, "a"]
+
+
+def test_compiled_title_merge_matches_the_reference(sample_csv):
+    from medtune.data.clean import merge_question_reference
+
+    table = load(sample_csv).table
+    titles = pa.concat_arrays([normalise_text(table["title"]), pa.array(["", "？", "头痛。", "头痛", "头 痛", "头痛"])])
+    asks = pa.concat_arrays([normalise_text(table["ask"]), pa.array(["头痛", "头痛", "发热", "", "头痛吗", "我头，痛"])])
+    merged = merge_question(titles, asks).to_pylist()
+    assert merged == merge_question_reference(titles, asks).to_pylist()
+    assert merged[-6:] == ["头痛", "头痛", "头痛。发热", "头痛", "头痛吗", "我头，痛"]

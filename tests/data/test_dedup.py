@@ -7,10 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medtune.data.dedup import (
-    Sketcher, codepoints, exact_duplicate_of, fingerprints, lsh_bands, near_duplicate_groups, shingle_hashes,
-    sketch_rows,
-)
+from medtune.data.dedup import Sketcher, _matrix, exact_duplicate_of, lsh_bands, near_duplicate_groups, sketch_rows
 
 
 def jaccard(a: str, b: str, n: int = 3) -> float:
@@ -18,20 +15,40 @@ def jaccard(a: str, b: str, n: int = 3) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
-def test_shingles_are_the_texts_character_trigrams():
-    texts = ["高血压能吃党参吗", "高血压能吃党参吗？", "ab", "", "abcabc", "x"]
-    tokens, offsets = shingle_hashes(*codepoints(pa.array(texts)))
-    rows = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(texts))]
-    assert [len(r) for r in rows] == [6, 7, 1, 0, 4, 1]
-    assert set(rows[0]) < set(rows[1])                       # the same trigrams hash the same
-    assert len(set(rows[4])) == 3                            # abc, bca, cab (abc twice)
-    assert rows[2][0] != rows[5][0] and rows[2][0] not in set(rows[4])  # short texts are themselves
+def _sketches(questions, answers=None, perm=64):
+    answers = [""] * len(questions) if answers is None else answers
+    cols = sketch_rows(pa.array(questions), pa.array(answers), Sketcher(0.8, perm, seed=1), Sketcher(0.6, perm, seed=2))
+    return {k: _matrix(v, np.uint8 if k != "qa_bands" and k != "q_bands" else np.uint32) for k, v in cols.items()}
+
+
+def test_sketches_are_minhash_of_the_character_trigrams():
+    # "abcabc" and "abcabca" have the same trigrams (abc, bca, cab): the same signature (the questions'
+    # sketch: joined with the answer, "c\n" and "a\n" would differ); "abcabd" has one more (abd)
+    s = _sketches(["abcabc", "abcabca", "abcabd", "ab", "x", "高血压能吃党参吗", "高血压能吃党参吗？"])
+    assert (s["q_sketch"][0] == s["q_sketch"][1]).all() and (s["q_bands"][0] == s["q_bands"][1]).all()
+    assert not (s["q_sketch"][0] == s["q_sketch"][2]).all()
+    assert (s["q_sketch"][3] != s["q_sketch"][4]).any()              # short texts are themselves
+    # 6 of the 7 trigrams shared: the estimate is near 6/7
+    agree = (s["q_sketch"][5] == s["q_sketch"][6]).mean()
+    assert 0.6 < agree < 1.0
+    # question + answer: "ab" + "\n" + "c" is one text of 4 characters, not the question's sketch
+    qa = _sketches(["ab"], ["c"])
+    assert (qa["qa_sketch"][0] != qa["q_sketch"][0]).any()
+
+
+def test_the_question_sketch_ignores_the_answer():
+    s = _sketches(["胸口疼怎么办", "胸口疼怎么办"], ["多休息。", "去医院做心电图检查。"])
+    assert (s["q_sketch"][0] == s["q_sketch"][1]).all()
+    assert (s["qa_sketch"][0] != s["qa_sketch"][1]).any()
 
 
 def test_fingerprints_equal_exactly_for_equal_texts():
-    fp = fingerprints(pa.array(["高血压", "高血压", "高血压。", ""]))
-    assert fp.shape == (4, 16)
+    s = _sketches(["高血压", "高血压", "高血压。", "", "高血", "高"], ["", "", "", "", "压", "血压"])
+    fp = s["qa_print"]
+    assert fp.shape == (6, 16)
     assert (fp[0] == fp[1]).all() and not (fp[0] == fp[2]).all()
+    # the boundary between question and answer counts: 高血|压 and 高|血压 are different rows
+    assert len({bytes(r) for r in fp[[0, 2, 3, 4, 5]]}) == 5
     assert exact_duplicate_of(pa.array(["a", "b", "a", "c", "b"])).tolist() == [0, 1, 0, 3, 1]
 
 
@@ -77,15 +94,29 @@ def test_margin_links_more_pairs_never_fewer(sample_rows):
         assert loose.label[i] == loose.label[strict.label[i]]
 
 
-def test_band_pairs_compare_twins_behind_an_unrelated_bucket_head():
-    import numpy as np
+def _link(key: np.ndarray, low: np.ndarray, cap: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    from medtune.data.kernels import link_band, roots
 
-    from medtune.data.dedup import _band_pairs
-
-    key = np.array([7, 5, 5, 5, 9, 5], dtype=np.uint32)  # bucket 5: rows 1, 2, 3, 5
     n = len(key)
-    pairs = {(int(p // n), int(p % n)) for p in _band_pairs(key)}
-    assert pairs == {(1, 2), (1, 3), (1, 5), (2, 3), (2, 5), (3, 5)}
-    big = np.zeros(40, dtype=np.uint32)  # a bucket over the cap: head and neighbour pairs only
-    pairs = {(int(p // 40), int(p % 40)) for p in _band_pairs(big, cap=16)}
-    assert pairs == {(0, i) for i in range(1, 40)} | {(i - 1, i) for i in range(1, 40)}
+    keyed = (key.astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+    keyed.sort()
+    parent, counts = np.arange(n, dtype=np.int64), np.zeros(2, np.int64)
+    link_band(keyed, parent, low, np.arange(n), low.shape[1], cap, counts)  # linked only when every slot agrees
+    return roots(parent), counts
+
+
+def test_band_buckets_compare_twins_behind_an_unrelated_bucket_head():
+    rng = np.random.default_rng(0)
+    key = np.array([7, 5, 5, 5, 9, 5], dtype=np.uint32)  # bucket 5: rows 1, 2, 3, 5
+    low = rng.integers(0, 256, (6, 32), dtype=np.uint8)
+    low[5] = low[2]                                     # twins, neither the bucket's first row
+    label, counts = _link(key, low)
+    assert label.tolist() == [0, 1, 2, 3, 4, 2]
+    assert counts.tolist() == [6, 1]                    # all 6 pairs of the bucket compared
+    # a bucket over the cap: each row against the bucket's first row and the row before it only
+    low = rng.integers(0, 256, (40, 32), dtype=np.uint8)
+    low[30], low[21], low[35] = low[10], low[20], low[0]
+    label, counts = _link(np.zeros(40, np.uint32), low)
+    assert label[21] == 20 and label[35] == 0           # neighbours, and the first row
+    assert label[30] == 30                              # rows 10 and 30 are never compared
+    assert counts[0] == 39 + 38 and counts[1] == 2

@@ -27,6 +27,7 @@ generated answer, with the same sentence rule.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Callable, Iterable, Sequence
@@ -123,11 +124,63 @@ def _steps(arr: pa.Array, steps: Sequence[tuple[str, str]]) -> pa.Array:
 # ----------------------------------------------------------------------------- per-row cleaning
 
 def normalise_text(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Whitespace, full-width characters and punctuation made consistent (rules in the module docstring)."""
+    """Whitespace, full-width characters and punctuation made consistent (rules in the module docstring).
+
+    Compiled (`medtune.data.kernels.normalise_kernel`): the regex steps of `normalise_text_reference`
+    in one pass per row.
+    """
+    from medtune.data.dedup import _string_array, utf8_buffers
+    from medtune.data.kernels import normalise_kernel
+
+    arr = _string_array(_flat(arr))
+    translate, classes = unicode_tables()
+    out, offsets = normalise_kernel(*utf8_buffers(arr), translate, classes)
+    result = pa.StringArray.from_buffers(len(arr), pa.py_buffer(offsets), pa.py_buffer(out))
+    if arr.null_count:
+        result = pc.if_else(pc.is_null(arr), pa.scalar(None, pa.string()), result)
+    return pc.utf8_trim_whitespace(result)
+
+
+def normalise_text_reference(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`normalise_text` as Arrow regex steps, each on the rows it concerns: the rules' reference."""
     arr = _flat(arr)
     arr = _where(arr, _FULLWIDTH_RE, _translate)
     arr = _where(arr, _NEEDS_NORMALISING, _punctuation)
     return pc.utf8_trim_whitespace(arr)
+
+
+_TABLES: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def unicode_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(translate, classes) for the kernels: the full-width map, and per code point its class bits
+    (``\\p{Han}`` and ``[\\p{L}\\p{N}]`` as RE2 defines them, the punctuation sets of the rules).
+
+    Built once per process (~0.3 s); `set_unicode_tables` hands a built pair to a worker.
+    """
+    global _TABLES
+    if _TABLES is None:
+        from medtune.data import kernels as K
+
+        translate = np.arange(0x10000, dtype=np.int32)
+        for cp, to in FULLWIDTH_TABLE.items():
+            translate[cp] = -1 if to is None else to
+        every = pa.array(["".join(chr(c) for c in range(0x40000) if not 0xD800 <= c < 0xE000)])
+        classes = np.zeros(0x40000, dtype=np.uint8)
+        for bit, pattern in ((K.HAN, r"\P{Han}"), (K.WORD_BIT, r"[^\p{L}\p{N}]")):
+            kept = pc.replace_substring_regex(every, pattern, "")[0].as_py()
+            classes[np.frombuffer(kept.encode("utf-32-le"), dtype=np.uint32)] |= bit
+        for bit, chars in ((K.CN_PUNCT_BIT, CN_PUNCT), (K.RUN_BIT, "，、；："), (K.LEAD_BIT, "，。！？；：、）》】…\t\n\f\r "),
+                           (K.END_BIT, SENTENCE_ENDS)):
+            for c in chars:
+                classes[ord(c)] |= bit
+        _TABLES = translate, classes
+    return _TABLES
+
+
+def set_unicode_tables(tables: tuple[np.ndarray, np.ndarray]) -> None:
+    global _TABLES
+    _TABLES = tables
 
 
 def _punctuation(arr: pa.Array) -> pa.Array:
@@ -166,11 +219,20 @@ def merge_question(title: pa.Array, ask: pa.Array) -> pa.Array:
     """``title`` + ``ask`` as one question; the title is left out when the ask already contains it.
 
     Containment is compared on letters and digits only. A title that does not end a sentence is joined
-    with a line break.
+    with a line break. Compiled (`medtune.data.kernels.merge_kernel`); `merge_question_reference` is
+    the same rule in Arrow and Python.
     """
+    from medtune.data.dedup import _string_array, utf8_buffers
+    from medtune.data.kernels import merge_kernel
+
+    title, ask = _string_array(_flat(title)), _string_array(_flat(ask))
+    out, offsets = merge_kernel(*utf8_buffers(title), *utf8_buffers(ask), unicode_tables()[1])
+    return pa.StringArray.from_buffers(len(title), pa.py_buffer(offsets), pa.py_buffer(out))
+
+
+def merge_question_reference(title: pa.Array, ask: pa.Array) -> pa.Array:
     title, ask = _flat(title), _flat(ask)
     t_key, a_key = punctuation_free(title).to_pylist(), punctuation_free(ask).to_pylist()
-    # No Arrow kernel tests "column A within column B" row by row; `in` on short strings is cheap.
     redundant = pa.array([not t or t in a for t, a in zip(t_key, a_key)], pa.bool_())
     sep = pc.if_else(pc.match_substring_regex(title, _TITLE_END), "", "\n")
     sep = pc.if_else(pc.equal(pc.utf8_length(ask), 0), "", sep)
@@ -193,35 +255,65 @@ def normalise_table(raw: pa.Table, scrub: bool = True) -> pa.Table:
 
 # ----------------------------------------------------------------------------- sentences and boilerplate
 
-def _sentences(arr: pa.Array) -> pa.ListArray:
-    return pc.split_pattern(pc.replace_substring_regex(arr, _SENTENCE_RUN, "\\1" + _SEP), _SEP)
+def _sentence_spans(answers: pa.Array, min_chars: int):
+    """`kernels.sentence_spans` of a string array: (data, row, span, key hash) per sentence."""
+    from medtune.data.dedup import utf8_buffers
+    from medtune.data.kernels import sentence_spans
+
+    data, off = utf8_buffers(answers)
+    row, span, hashes, _ = sentence_spans(data, off, _classes(), min_chars)
+    return data, row, span, hashes
 
 
-def sentence_key(arr: pa.Array) -> pa.Array:
-    """The comparison key of each sentence: stripped of surrounding punctuation and spaces."""
-    return pc.utf8_trim(arr, characters=KEY_TRIM)
+@functools.cache
+def _classes() -> np.ndarray:
+    from medtune.data.kernels import char_classes
+
+    return char_classes(SENTENCE_ENDS, KEY_TRIM)
 
 
-def sentence_counts(answers: pa.Array | pa.ChunkedArray, answer_ids: pa.Array | None = None,
+def _key_texts(data: np.ndarray, span: np.ndarray, idx: np.ndarray) -> list[str]:
+    return [bytes(data[span[i, 2]:span[i, 3]]).decode("utf-8") for i in idx]
+
+
+def key_hashes(keys: Sequence[str]) -> np.ndarray:
+    """The kernels' 64-bit hash of each sentence key (its UTF-8 bytes)."""
+    from medtune.data.kernels import key_hash
+
+    out = np.empty(len(keys), np.uint64)
+    for i, k in enumerate(keys):
+        b = np.frombuffer(k.encode("utf-8"), np.uint8) if k else np.zeros(0, np.uint8)
+        out[i] = key_hash(b, 0, len(b))
+    return out
+
+
+def sentence_counts(answers: pa.Array | pa.ChunkedArray, answer_ids: pa.Array | np.ndarray | None = None,
                     min_answers: int = 1, min_chars: int = 2) -> tuple[pa.Table, int]:
     """(table of sentence ``key`` → ``answers`` holding it, for keys in ≥ ``min_answers``; distinct answers).
 
     ``answer_ids`` (e.g. fingerprints) identify copies of one answer, which count once; by default the
-    answers are compared as strings.
+    answers are compared as strings. Keys shorter than ``min_chars`` characters are not counted.
     """
     answers = _flat(answers)
     if answer_ids is None:
         answer_ids = pc.dictionary_encode(answers).indices
-    answer_ids = _flat(answer_ids)
-    distinct = len(pc.unique(answer_ids))
-    pieces = _sentences(answers)
-    keys = sentence_key(pc.list_flatten(pieces))
-    t = pa.table({"key": keys, "answer": pc.take(answer_ids, pc.list_parent_indices(pieces))})
-    t = t.filter(pc.greater_equal(pc.utf8_length(keys), min_chars))
-    counts = t.group_by("key").aggregate([("answer", "count_distinct")]).rename_columns(["key", "answers"])
-    if min_answers > 1:
-        counts = counts.filter(pc.greater_equal(counts["answers"], min_answers))
-    return counts, distinct
+    ids = answer_ids if isinstance(answer_ids, np.ndarray) else _flat(answer_ids).to_numpy(zero_copy_only=False)
+    ids = np.asarray(ids).astype(np.uint64, copy=False)
+    distinct = len(np.unique(ids))
+    data, row, span, hashes = _sentence_spans(answers, min_chars)
+    owner = ids[row]
+    order = np.lexsort((owner, hashes))  # by key, then answer
+    h, o = hashes[order], owner[order]
+    pair = np.ones(len(h), dtype=bool)
+    pair[1:] = (h[1:] != h[:-1]) | (o[1:] != o[:-1])  # the first sentence of each (key, answer)
+    h, first = h[pair], order[pair]
+    new_key = np.ones(len(h), dtype=bool)
+    new_key[1:] = h[1:] != h[:-1]
+    starts = np.flatnonzero(new_key)
+    counts = np.diff(np.append(starts, len(h)))
+    keep = counts >= min_answers
+    keys = _key_texts(data, span, first[starts[keep]])
+    return pa.table({"key": pa.array(keys, pa.string()), "answers": pa.array(counts[keep], pa.int64())}), distinct
 
 
 def boilerplate_from_counts(parts: Sequence[pa.Table], answers: int, min_share: float = 0.003,
@@ -256,7 +348,8 @@ def strip_boilerplate(answers: pa.Array | pa.ChunkedArray, phrases: Iterable[str
                       threads: int = 2) -> tuple[pa.ChunkedArray, dict[str, int]]:
     """Remove whole sentences whose key is one of ``phrases``' keys; also how often each key was removed.
 
-    Works chunk by chunk (on ``threads`` threads: Arrow's kernels release the GIL).
+    A text that lost a sentence is trimmed of surrounding whitespace, as `remove_boilerplate` does;
+    the others are returned as they were. Chunks run on ``threads`` threads (the kernels release the GIL).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -264,45 +357,43 @@ def strip_boilerplate(answers: pa.Array | pa.ChunkedArray, phrases: Iterable[str
     chunks = _chunks(answers)
     if not keys:
         return pa.chunked_array(chunks, pa.string()), {}
-    value_set = pa.array(keys, pa.string())
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        done = list(pool.map(lambda c: _strip_chunk(c, value_set), chunks))
-    removed: dict[str, int] = {}
-    for _, counts in done:
-        for k, v in counts.items():
-            removed[k] = removed.get(k, 0) + v
-    return pa.chunked_array([c for c, _ in done], pa.string()), removed
-
-
-def _strip_chunk(answers: pa.Array, value_set: pa.Array) -> tuple[pa.Array, dict[str, int]]:
-    hit = _where_mask(answers, value_set)
-    if hit is None:
-        return answers, {}
-    mask, sub = hit
-    pieces = _sentences(sub)
-    flat = pc.list_flatten(pieces)
-    parent = pc.list_parent_indices(pieces).to_numpy()
-    keys = sentence_key(flat)
-    drop = pc.is_in(keys, value_set=value_set)
-    dropped = pc.value_counts(keys.filter(drop)).to_pylist()
-    keep = pc.invert(drop)
-    counts = np.bincount(parent[keep.to_numpy(zero_copy_only=False)], minlength=len(sub))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    joined = pc.utf8_trim_whitespace(pc.binary_join(pa.ListArray.from_arrays(offsets, flat.filter(keep)), ""))
-    return pc.replace_with_mask(answers, mask, joined), {d["values"]: int(d["counts"]) for d in dropped}
-
-
-def _where_mask(answers: pa.Array, value_set: pa.Array) -> tuple[pa.Array, pa.Array] | None:
-    """Rows that contain any boilerplate key as a substring (cheap pre-filter), and those rows."""
-    keys = value_set.to_pylist()
-    if len(keys) <= 500:
-        pattern = "|".join(re.escape(k) for k in keys)
-        mask = pc.match_substring_regex(answers, pattern)
+    hashes = key_hashes(keys)
+    order = np.argsort(hashes)
+    hashes, keys = hashes[order], [keys[i] for i in order]
+    if threads > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            done = list(pool.map(lambda c: _strip_chunk(c, hashes), chunks))
     else:
-        mask = pa.repeat(True, len(answers))  # a huge alternation costs more than splitting everything
-    if not pc.any(mask).as_py():
-        return None
-    return mask, answers.filter(mask)
+        done = [_strip_chunk(c, hashes) for c in chunks]
+    removed = np.zeros(len(keys), dtype=np.int64)
+    for _, counts in done:
+        removed += counts
+    return (pa.chunked_array([c for c, _ in done], pa.string()),
+            {keys[i]: int(removed[i]) for i in np.flatnonzero(removed)})
+
+
+def _strip_chunk(answers: pa.Array, hashes: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    from medtune.data.kernels import drop_spans
+
+    answers = _flat(answers)
+    if pa.types.is_large_string(answers.type):
+        answers = answers.cast(pa.string())
+    data, row, span, found = _sentence_spans(answers, 1)
+    pos = np.minimum(np.searchsorted(hashes, found), len(hashes) - 1)
+    drop = hashes[pos] == found
+    counts = np.bincount(pos[drop], minlength=len(hashes))
+    if not drop.any():
+        return answers, counts
+    from medtune.data.dedup import utf8_buffers
+
+    out, offsets = drop_spans(*utf8_buffers(answers), row, span, drop)
+    stripped = pa.StringArray.from_buffers(len(answers), pa.py_buffer(offsets), pa.py_buffer(out))
+    if answers.null_count:
+        stripped = pc.if_else(pc.is_null(answers), pa.scalar(None, pa.string()), stripped)
+    changed = np.zeros(len(answers), dtype=bool)
+    changed[row[drop]] = True
+    mask = pa.array(changed)
+    return pc.replace_with_mask(stripped, mask, pc.utf8_trim_whitespace(stripped.filter(mask))), counts
 
 
 # ----------------------------------------------------------------------------- lengths

@@ -1,15 +1,15 @@
-"""Duplicate detection: exact (after normalisation) and near-duplicate (MinHash + LSH, via `rensa`).
+"""Duplicate detection: exact (after normalisation) and near-duplicate (MinHash + LSH).
 
-Exact duplicates share a 128-bit BLAKE2b fingerprint of the normalised question + answer.
+Exact duplicates share a 128-bit fingerprint of the normalised question + answer.
 
 Near duplicates are compared on character 3-gram shingles (about a Chinese word and a half, so a few
-changed characters leave most shingles intact). numpy turns a batch of texts into shingle hashes in
-bulk (no Python object per shingle) and `rensa` computes their R-MinHash signatures in Rust
-(`digest_matrix_from_flat_token_hashes`). Per row we keep the LSH band keys (each band's slots folded
-into one integer) and an 8-bit-per-slot sketch of the signature; rows sharing a band key are candidate
-pairs, each checked against the threshold by its sketches' agreement, and the connected components of
-the confirmed pairs are the clusters. The banding is chosen per threshold (`lsh_bands`) so that a pair
-at the threshold is proposed with 99% probability.
+changed characters leave most shingles intact). `medtune.data.kernels` computes, in one compiled pass
+over each row's bytes, the MinHash signature of question + answer, the signature of the question alone
+and the fingerprint. Per row we keep the LSH band keys (each band's slots folded into one integer) and
+an 8-bit-per-slot sketch of the signature; rows sharing a band key are candidate pairs, each checked
+against the threshold by its sketches' agreement, and the connected components of the confirmed pairs
+are the clusters. The banding is chosen per threshold (`lsh_bands`) so that a pair at the threshold is
+proposed with 99% probability.
 
 Default dedup threshold 0.8 (question + answer): on the real sample, pairs at ≥ 0.8 are one answer with
 a few characters changed; between 0.5 and 0.8 there are many pairs that share only a templated answer
@@ -21,20 +21,15 @@ a lower threshold (see `medtune.data.split`).
 """
 from __future__ import annotations
 
-import array
 import dataclasses
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_MIX1 = np.uint64(0x9E3779B97F4A7C15)
-CHUNK_ROWS = 20_000  # rows per batch: bounds the shingle arrays (~100 MB for Toyhom-sized rows)
 
-
-# ----------------------------------------------------------------------------- shingles and signatures
+# ----------------------------------------------------------------------------- texts as arrays
 
 def _string_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
@@ -43,81 +38,23 @@ def _string_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
+def utf8_buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's UTF-8 bytes (uint8) and its n + 1 offsets into them, without copying."""
+    texts = _string_array(texts)
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32, count=len(texts) + 1, offset=texts.offset * 4)
+    data = texts.buffers()[2]
+    return (np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)), offsets
+
+
 def codepoints(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Every character of ``texts`` as one flat uint32 array, and each text's start in it (n + 1 offsets)."""
     texts = _string_array(texts)
-    rows = len(texts)
-    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32, count=rows + 1, offset=texts.offset * 4)
-    data = texts.buffers()[2]
-    raw = bytes(memoryview(data)[offsets[0]:offsets[-1]]) if data is not None and rows else b""
+    data, offsets = utf8_buffers(texts)
+    raw = bytes(data[offsets[0]:offsets[-1]]) if len(texts) else b""
     # One decode/encode of the whole batch gives every character as a uint32 code point.
     cp = np.frombuffer(raw.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
     chars = pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
     return cp, np.concatenate([[0], np.cumsum(chars)])
-
-
-def shingle_hashes(cp: np.ndarray, bounds: np.ndarray, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of each text's character ``n``-grams, flat, and each text's offsets into them (uint64, for rensa).
-
-    ``cp``/``bounds`` come from `codepoints`. A text shorter than ``n`` characters is one shingle
-    (itself); an empty text has none.
-    """
-    lengths = np.diff(bounds)
-    m = max(len(cp) - n + 1, 0)
-    # n code points (21 bits each) packed into one integer: distinct n-grams, distinct values (n <= 3).
-    tokens = cp[:m].astype(np.uint64)
-    for k in range(1, n):
-        tokens <<= np.uint64(21)
-        tokens |= cp[k:m + k]
-    # An n-gram starting in the last n-1 positions of a text runs into the next one: drop those (this
-    # also drops every position of a text shorter than n, all of which lie that close to its end).
-    valid = np.ones(m, dtype=bool)
-    for k in range(1, n):
-        idx = bounds[1:] - k
-        valid[idx[(idx >= 0) & (idx < m)]] = False
-    tokens = tokens[valid]
-    counts = np.maximum(lengths - n + 1, 0)
-    short = np.flatnonzero((lengths > 0) & (lengths < n))
-    if len(short):  # a short text is one shingle: its code points, tagged with its length
-        vals = np.zeros(len(short), np.uint64)
-        for k in range(n - 1):
-            has = lengths[short] > k
-            vals[has] = (vals[has] << np.uint64(21)) | cp[bounds[short][has] + k]
-        vals = (vals << np.uint64(2)) | lengths[short].astype(np.uint64)
-        tokens = np.insert(tokens, (np.cumsum(counts) - counts)[short], vals)
-        counts[short] = 1
-    # Spread the packed code points over all 64 bits (one multiply-xorshift round) before rensa hashes them.
-    tokens *= _MIX1
-    tokens ^= tokens >> np.uint64(29)
-    return tokens, np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
-
-
-def fingerprints(texts: pa.Array, size: int = 16) -> np.ndarray:
-    """A ``size``-byte BLAKE2b digest of each text's UTF-8 bytes, as a (rows, size) uint8 array."""
-    texts = _string_array(texts)
-    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32, count=len(texts) + 1, offset=texts.offset * 4)
-    data = memoryview(texts.buffers()[2] or b"")
-    bounds = offsets.tolist()
-    # No Arrow kernel hashes a string to a stable digest; hashlib over buffer slices is ~1 µs a row.
-    digests = b"".join(hashlib.blake2b(data[a:b], digest_size=size).digest() for a, b in zip(bounds, bounds[1:]))
-    return np.frombuffer(digests, dtype=np.uint8).reshape(len(texts), size)
-
-
-def _digest(tokens: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int):
-    import rensa  # noqa: PLC0415  (compiled; only the data commands need it)
-
-    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(tokens, offsets, num_perm, seed)
-
-
-def signatures(tokens: np.ndarray, offsets: np.ndarray, num_perm: int = 128, seed: int = 0) -> np.ndarray:
-    """MinHash signatures (rensa R-MinHash) of each row's shingles, as a (rows, num_perm) uint32 array.
-
-    rensa hands the matrix over only as Python lists (`to_rows`), the main cost here: keep batches small.
-    """
-    flat = array.array("I")
-    for row in _digest(tokens, offsets, num_perm, seed).to_rows():  # rensa returns Python lists only
-        flat.extend(row)
-    return np.frombuffer(flat, dtype=np.uint32).reshape(len(offsets) - 1, num_perm)
 
 
 # ----------------------------------------------------------------------------- LSH
@@ -150,45 +87,33 @@ class Sketcher:
     def bands(self) -> tuple[int, int]:
         return lsh_bands(self.threshold, self.num_perm, self.recall)
 
-    def __call__(self, tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(band keys (rows, bands) uint32, sketch (rows, num_perm) uint8) from `shingle_hashes` output."""
-        b, r = self.bands
-        sig = signatures(tokens, offsets, self.num_perm, self.seed)
-        key = np.zeros((len(sig), b), np.uint64)
-        folded = sig[:, : b * r].reshape(len(sig), b, r)
-        for k in range(r):
-            key *= np.uint64(0x100000001B3)
-            key ^= folded[:, :, k]
-        key ^= key >> np.uint64(32)
-        return key.astype(np.uint32), sig.astype(np.uint8)
+    def params(self) -> tuple[np.ndarray, np.ndarray]:
+        from medtune.data.kernels import hash_params
+
+        return hash_params(self.num_perm, self.seed)
 
 
 def sketch_rows(question: pa.Array | pa.ChunkedArray, answer: pa.Array | pa.ChunkedArray, qa: Sketcher,
-                q: Sketcher, ngram: int = 3) -> dict[str, pa.Array]:
-    """Per row, for the pipeline's table: ``qa_bands``/``qa_sketch`` (question + answer, for dedup),
-    ``q_bands``/``q_sketch`` (question alone, for the split) and ``qa_print`` (128-bit fingerprint of
-    question + answer, for exact duplicates).
+                q: Sketcher) -> dict[str, pa.Array]:
+    """Per row, for the pipeline's table: ``qa_bands``/``qa_sketch`` (question + "\\n" + answer, for
+    dedup), ``q_bands``/``q_sketch`` (question alone, for the split) and ``qa_print`` (128-bit
+    fingerprint of question + answer, for exact duplicates); shingles are character 3-grams.
     """
+    from medtune.data.kernels import sketch_kernel
+
     question, answer = _string_array(question), _string_array(answer)
     n = len(question)
-    parts: dict[str, list[np.ndarray]] = {"qa_bands": [], "qa_sketch": [], "q_bands": [], "q_sketch": [], "qa_print": []}
-    for start in range(0, n, CHUNK_ROWS):
-        qs = question.slice(start, CHUNK_ROWS)
-        joined = pc.binary_join_element_wise(qs, answer.slice(start, CHUNK_ROWS), "\n")
-        for name, sketcher, texts in (("qa", qa, joined), ("q", q, qs)):
-            keys, low = sketcher(*shingle_hashes(*codepoints(texts), ngram))
-            parts[f"{name}_bands"].append(keys)
-            parts[f"{name}_sketch"].append(low)
-        parts["qa_print"].append(fingerprints(joined))
-    if n == 0:
-        parts = {"qa_bands": [np.zeros((0, qa.bands[0]), np.uint32)], "qa_sketch": [np.zeros((0, qa.num_perm), np.uint8)],
-                 "q_bands": [np.zeros((0, q.bands[0]), np.uint32)], "q_sketch": [np.zeros((0, q.num_perm), np.uint8)],
-                 "qa_print": [np.zeros((0, 16), np.uint8)]}
-    out = {k: np.concatenate(v) for k, v in parts.items()}
+    (qa_b, qa_r), (q_b, q_r) = qa.bands, q.bands
+    out = {"qa_bands": np.zeros((n, qa_b), np.uint32), "qa_sketch": np.zeros((n, qa.num_perm), np.uint8),
+           "q_bands": np.zeros((n, q_b), np.uint32), "q_sketch": np.zeros((n, q.num_perm), np.uint8),
+           "qa_print": np.zeros((n, 2), np.uint64)}
+    if n:
+        sketch_kernel(*utf8_buffers(question), *utf8_buffers(answer), *qa.params(), *q.params(), qa_b, qa_r, q_b, q_r,
+                      out["qa_bands"], out["qa_sketch"], out["q_bands"], out["q_sketch"], out["qa_print"])
     return {
         "qa_bands": _fixed_list(out["qa_bands"]), "qa_sketch": _fixed_binary(out["qa_sketch"]),
         "q_bands": _fixed_list(out["q_bands"]), "q_sketch": _fixed_binary(out["q_sketch"]),
-        "qa_print": _fixed_binary(out["qa_print"]),
+        "qa_print": _fixed_binary(out["qa_print"].view(np.uint8)),
     }
 
 
@@ -231,88 +156,85 @@ class Groups:
         return np.bincount(self.label, minlength=len(self.label))[self.label]
 
 
-def near_duplicate_groups(bands: pa.Array | pa.ChunkedArray, sketch: pa.Array | pa.ChunkedArray,
-                          threshold: float, margin: float = 0.0, threads: int = 2) -> Groups:
+def near_duplicate_groups(bands: pa.Array | pa.ChunkedArray | np.ndarray, sketch: pa.Array | pa.ChunkedArray | np.ndarray,
+                          threshold: float, margin: float = 0.0, rows: np.ndarray | None = None) -> Groups:
     """Cluster rows whose estimated Jaccard similarity is ≥ ``threshold - margin``.
 
-    ``bands``/``sketch`` come from a `Sketcher`. Rows sharing a band key are candidate pairs (see
-    `_band_pairs`); pairs that pass the threshold are linked, and the connected components are the
-    clusters. ``margin`` > 0 trades larger clusters for fewer twins missed
-    because of the estimate's noise (the split uses it).
+    ``bands``/``sketch`` come from a `Sketcher` (Arrow columns or their numpy matrices). Rows sharing a
+    band key are candidate pairs (in a bucket of at most `BUCKET_ALL_PAIRS` rows every pair, so two
+    twins are compared even when the bucket's first row is an unrelated collision; in a larger bucket
+    each row with the bucket's first row and the row before it, which keeps the work linear); pairs that
+    pass the threshold are linked, and the connected components are the clusters
+    (`medtune.data.kernels.link_band`: union-find, pairs already in one cluster are not compared).
+    ``margin`` > 0 trades larger clusters for fewer twins missed because of the estimate's noise (the
+    split uses it). ``rows``: cluster only these rows of the matrices (the result is indexed like ``rows``).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from medtune.data.kernels import link_band, roots
 
-    keys = _matrix(bands, np.uint32)
-    low = _matrix(sketch, np.uint8)
-    n = len(keys)
+    keys = bands if isinstance(bands, np.ndarray) else _matrix(bands, np.uint32)
+    low = np.ascontiguousarray(sketch if isinstance(sketch, np.ndarray) else _matrix(sketch, np.uint8))
+    rows = np.arange(len(keys), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(rows)
     label = np.arange(n)
     similarity = np.ones(n, dtype=np.float32)
     if n < 2:
         return Groups(label, similarity, 0, 0)
-    with ThreadPoolExecutor(threads) as pool:  # numpy sorts without the GIL
-        found = list(pool.map(lambda b: _band_pairs(keys[:, b]), range(keys.shape[1])))
-    pair = np.concatenate([f for f in found]) if found else np.zeros(0, np.int64)
-    pair.sort()
-    pair = pair[np.concatenate([[True], pair[1:] != pair[:-1]])] if len(pair) else pair
-    left, right = pair // n, pair % n
-    ok = similarity_of(low, left, right) >= threshold - margin - 1e-6
-    graph = coo_matrix((np.ones(int(ok.sum()), np.int8), (left[ok], right[ok])), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    first = np.full(comp.max() + 1, n, dtype=np.int64)
-    np.minimum.at(first, comp, np.arange(n))
-    label = first[comp]
+    slots = low.shape[1]
+    # similarity_of(...) >= t  <=>  equal slots >= slots * (t * (1 - 1/256) + 1/256)
+    t = threshold - margin - 1e-6
+    need = max(0, int(np.ceil(slots * (t * (1 - 1 / 256) + 1 / 256) - 1e-9)))
+    parent = np.arange(n, dtype=np.int64)
+    counts = np.zeros(2, dtype=np.int64)
+    local = np.arange(n, dtype=np.uint64)
+
+    def band(b: int) -> np.ndarray:
+        keyed = (keys[rows, b].astype(np.uint64) << np.uint64(32)) | local
+        keyed.sort()  # by key, then row: a bucket's first row is its earliest
+        return keyed
+
+    with ThreadPoolExecutor(1) as pool:  # the next band is sorted while this one is linked
+        nxt = pool.submit(band, 0)
+        for b in range(keys.shape[1]):
+            keyed = nxt.result()
+            if b + 1 < keys.shape[1]:
+                nxt = pool.submit(band, b + 1)
+            link_band(keyed, parent, low, rows, need, BUCKET_ALL_PAIRS, counts)
+    label = roots(parent)
     moved = np.flatnonzero(label != np.arange(n))
-    similarity[moved] = similarity_of(low, label[moved], moved)
-    return Groups(label, similarity, int(len(left)), int(ok.sum()))
+    similarity[moved] = similarity_of(low, rows[label[moved]], rows[moved])
+    return Groups(label, similarity, int(counts[0]), int(counts[1]))
 
 
 BUCKET_ALL_PAIRS = 16  # rows sharing a band key are all compared in buckets up to this size
 
 
-def _band_pairs(key: np.ndarray, cap: int = BUCKET_ALL_PAIRS) -> np.ndarray:
-    """Candidate pairs of rows sharing this band's key, as ``low * n + high`` row indices.
-
-    In a bucket of at most ``cap`` rows every pair is a candidate, so two twins are compared even when
-    the bucket's first row is an unrelated collision; a larger bucket (a common key) pairs each row with
-    the bucket's first row and with the row before it, which keeps the work linear.
-    """
-    n = len(key)
-    order = np.argsort(key, kind="stable")  # equal keys keep input order: the run's head is its first row
-    sk = key[order]
-    new_run = np.concatenate([[True], sk[1:] != sk[:-1]])
-    run = np.cumsum(new_run) - 1
-    small = np.bincount(run)[run] <= cap
-    head = order[np.maximum.accumulate(np.where(new_run, np.arange(n), 0))]
-    pairs = [head[~new_run].astype(np.int64) * n + order[~new_run]]
-    for d in range(1, cap):
-        same = np.zeros(n, dtype=bool)
-        same[d:] = run[d:] == run[:-d]
-        if d > 1:
-            same &= small
-        i = np.flatnonzero(same)
-        if len(i) == 0:
-            break
-        a, b = order[i - d], order[i]  # a < b: stable order within a run
-        pairs.append(a.astype(np.int64) * n + b)
-    return np.concatenate(pairs)
-
-
-def similarity_of(low: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+def similarity_of(low: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Estimated Jaccard similarity of rows ``a[i]`` and ``b[i]`` from their 8-bit sketches."""
-    agree = np.empty(len(a), dtype=np.float32)
-    for s in range(0, len(a), chunk):
-        agree[s:s + chunk] = (low[a[s:s + chunk]] == low[b[s:s + chunk]]).mean(axis=1)
+    from medtune.data.kernels import agreement
+
+    agree = agreement(np.ascontiguousarray(low), np.asarray(a, np.int64), np.asarray(b, np.int64))
     return np.clip((agree - 1 / 256) / (1 - 1 / 256), 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- exact
 
-def exact_duplicate_of(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def exact_duplicate_of(keys: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
     """Per row, the index of the first row with the same key (itself when it is the first).
 
-    ``keys``: strings or fixed-size binary fingerprints (`sketch_rows`' ``qa_print``).
+    ``keys``: strings, or fingerprints (`sketch_rows`' ``qa_print``, or its (rows, 16) uint8 matrix).
     """
+    if isinstance(keys, np.ndarray):
+        n = len(keys)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        lanes = np.ascontiguousarray(keys).view(np.uint64).reshape(n, -1)
+        order = np.lexsort(lanes.T[::-1])  # stable: each run of equal keys starts with its first row
+        ordered = lanes[order]
+        new = np.ones(n, dtype=bool)
+        new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+        first = np.empty(n, dtype=np.int64)
+        first[order] = order[np.flatnonzero(new)][np.cumsum(new) - 1]
+        return first
     keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
     codes = pc.dictionary_encode(keys).indices.to_numpy(zero_copy_only=False)
     if len(codes) == 0:

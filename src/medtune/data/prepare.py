@@ -20,13 +20,15 @@ Stages (rows in/out, seconds and this process's peak memory of each go to ``mani
 4. exact_dedup / near_dedup — identical question+answer after normalisation; MinHash/LSH near copies
    (`medtune.data.dedup`); each dropped row names the kept row it duplicates;
 5. split — near-twin questions kept on one side, stratified by department (`medtune.data.split`);
-6. write — ``train/validation/test.parquet`` (one pass over the rows), ``rejects.jsonl``,
-   ``boilerplate.json``;
+6. write — ``train/validation/test.parquet`` (one pass over the rows; row groups are compressed on a
+   thread of their own while the next batch is assembled), ``rejects.jsonl``, ``boilerplate.json``;
 7. classifier — fitted in a worker while the splits are written (`medtune.data.classifier`).
 
-This process keeps only small per-row columns in memory (place, department, sketches, lengths) and
-reads the texts back batch by batch when it writes them, so memory stays well under 3 GB for the
-full 800,000-row dataset. With one input file the parsing is not parallel (a file is one task).
+The per-row text work runs in compiled kernels (`medtune.data.kernels`). This process keeps only small
+per-row columns in memory (place, department, sketches, lengths) and reads the texts back batch by
+batch when it writes them, so memory stays under 3 GB for the full 800,000-row dataset. Fresh memory is
+itself a cost here (every new page is a fault; on a VM often a host fault too): spills are
+memory-mapped where only a few columns are wanted, and large results are written into place. With one input file the parsing is not parallel (a file is one task).
 
 Every row read is either in a split or in ``rejects.jsonl`` with its reason; the count is checked.
 """
@@ -39,8 +41,10 @@ import json
 import logging
 import math
 import os
+import queue
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,7 +63,7 @@ log = logging.getLogger(__name__)
 
 SPLIT_MARGIN = 0.15  # questions estimated this much below the split threshold are still linked (see split.py)
 SPLIT_RECALL = 0.98
-ROW_GROUP = 100_000  # rows per Parquet row group in the split files
+ROW_GROUP = 50_000  # rows per Parquet row group in the split files
 CLASSIFIER_TEST_ROWS = 20_000  # the accuracy is measured on at most this many test rows (±0.3% at 95%)
 OUTPUT_FILES = ("train.parquet", "validation.parquet", "test.parquet", "rejects.jsonl", "boilerplate.json",
                 "manifest.json", CLASSIFIER_FILE)
@@ -137,11 +141,14 @@ class RowFeatures:
     qa: object  # dedup.Sketcher for question + answer
     q: object   # dedup.Sketcher for the question alone
     min_sentence_answers: int = 1
+    tables: tuple | None = None  # clean.unicode_tables(), built once by the parent
 
     def __call__(self, raw: pa.Table) -> tuple[pa.Table, dict]:
-        from medtune.data.clean import normalise_table, sentence_counts
+        from medtune.data.clean import normalise_table, sentence_counts, set_unicode_tables
         from medtune.data.dedup import sketch_rows
 
+        if self.tables is not None:
+            set_unicode_tables(self.tables)
         t = normalise_table(raw, self.scrub)
         for name, col in sketch_rows(t["question"], t["clean_answer"], self.qa, self.q).items():
             t = t.append_column(name, col)
@@ -160,10 +167,10 @@ class RowFeatures:
         return {"sentence_counts": counts, "answers": sum(e["answers"] for e in extras)}
 
 
-def _pair_ids(prints: pa.Array | pa.ChunkedArray) -> pa.Array:
+def _pair_ids(prints: pa.Array | pa.ChunkedArray) -> np.ndarray:
     from medtune.data.dedup import _matrix
 
-    return pa.array(np.ascontiguousarray(_matrix(prints, np.uint8)[:, :8]).view(np.uint64).ravel())
+    return np.ascontiguousarray(_matrix(prints, np.uint8)[:, :8]).view(np.uint64).ravel()
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -198,6 +205,12 @@ def _peak_rss_mb() -> float | None:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
+def _rows_in(path: Path) -> int:
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
 def _load_rejects(rows: list[dict]) -> pa.Table:
     cols = {f.name: [r.get(f.name) for r in rows] for f in REJECT_SCHEMA}
     return pa.table(cols, schema=REJECT_SCHEMA)
@@ -216,14 +229,34 @@ class _Ledger:
     texts are read when the rejects are written.
     """
 
-    SMALL = ["source_file", "source_line", "department", "sub_department", "qa_bands", "qa_sketch", "q_bands",
-             "q_sketch", "qa_print"]
+    SMALL = ["source_file", "source_line", "department", "sub_department"]
+    MATRICES = {"qa_bands": np.uint32, "qa_sketch": np.uint8, "q_bands": np.uint32, "q_sketch": np.uint8,
+                "qa_print": np.uint8}  # sketches and fingerprints, held as numpy matrices
 
     def __init__(self, spills: list[Path], load_rejects: list[dict]):
-        from medtune.data.load import read_ipc
+        from medtune.data.dedup import _matrix
 
         self.spills = spills
-        self.table = pa.concat_tables([read_ipc(p, self.SMALL) for p in spills])
+        # Memory-mapped, and each sketch column copied once into its final matrix: fresh memory is the
+        # costly part here (each new page is a fault, and on a VM often one on the host as well).
+        tables: list[pa.Table] = []
+        self.matrices: dict[str, np.ndarray] = {}
+        start = 0
+        for p in spills:
+            with pa.memory_map(str(p)) as source:
+                reader = pa.ipc.open_file(source)
+                if not self.matrices:
+                    total = sum(_rows_in(q) for q in spills)
+                    first = reader.get_batch(0)
+                    self.matrices = {name: np.empty((total, _matrix(first.column(name), dtype).shape[1]), dtype)
+                                     for name, dtype in self.MATRICES.items()}
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    tables.append(pa.Table.from_batches([batch.select(self.SMALL)]).combine_chunks())  # a copy
+                    for name, dtype in self.MATRICES.items():
+                        self.matrices[name][start:start + batch.num_rows] = _matrix(batch.column(name), dtype)
+                    start += batch.num_rows
+        self.table = pa.concat_tables(tables)
         self.alive = np.ones(self.table.num_rows, dtype=bool)
         self.load_rejects = load_rejects
         self.pending: list[tuple[np.ndarray, np.ndarray | None, pa.Table]] = []
@@ -232,8 +265,10 @@ class _Ledger:
     def count(self) -> int:
         return int(self.alive.sum())
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        """``name`` for the rows still in."""
+    def column(self, name: str) -> pa.ChunkedArray | np.ndarray:
+        """``name`` for the rows still in (a numpy matrix for the sketches and fingerprints)."""
+        if name in self.matrices:
+            return self.matrices[name][self.alive]
         return self.table[name].filter(pa.array(self.alive))
 
     def batches(self, columns: list[str], answers: bool = False, raw: bool = False) -> Iterator[tuple[int, pa.Table]]:
@@ -364,7 +399,7 @@ def _token_counter(path: Path) -> Callable[[list[str]], list[int]]:
 def build_messages_column(question, answer, department, sub_department, system, history) -> pa.Array:
     """The chat ``messages`` of each row, as `medtune.chat_format.build_messages` builds them.
 
-    Rows without history get [system prompt, question, answer] assembled by Arrow (the prompt text comes
+    Rows without history get [system prompt, question, answer] assembled from the texts' buffers (the prompt comes
     from `chat_format.system_prompt`, once per department); rows with earlier turns go through
     `build_messages` itself.
     """
@@ -380,24 +415,36 @@ def build_messages_column(question, answer, department, sub_department, system, 
     prompts = pc.if_else(pc.not_equal(system, ""), system, prompts)
     plain = pc.equal(history, "[]").to_numpy(zero_copy_only=False)
     idx_plain = pa.array(np.flatnonzero(plain))
-    contents = pa.concat_arrays([prompts.take(idx_plain), question.take(idx_plain), answer.take(idx_plain)])
     k = len(idx_plain)
-    interleave = np.stack([np.arange(k), k + np.arange(k), 2 * k + np.arange(k)], axis=1).ravel()
-    roles = pa.array(np.tile(np.array(["system", "user", "assistant"], dtype=object), k), pa.string())
-    structs = pa.StructArray.from_arrays([roles, contents.take(pa.array(interleave))], names=["role", "content"])
-    lists = pa.ListArray.from_arrays(pa.array(np.arange(0, 3 * k + 1, 3, dtype=np.int32)), structs)
+    lists = _plain_messages(*(c if k == n else c.take(idx_plain) for c in (prompts, question, answer)))
     if k == n:
-        return lists.cast(MESSAGES_TYPE)
+        return lists
     idx_turns = np.flatnonzero(~plain)
     rows = {name: col.take(pa.array(idx_turns)).to_pylist()
             for name, col in (("q", question), ("a", answer), ("d", named), ("h", history), ("s", system))}
     turns = [build_messages(q, a, department=d, history=json.loads(h), system=s or None)
              for q, a, d, h, s in zip(rows["q"], rows["a"], rows["d"], rows["h"], rows["s"])]
-    merged = pa.concat_arrays([lists.cast(MESSAGES_TYPE), pa.array(turns, MESSAGES_TYPE)])
+    merged = pa.concat_arrays([lists, pa.array(turns, MESSAGES_TYPE)])
     position = np.empty(n, dtype=np.int64)
     position[idx_plain] = np.arange(k)
     position[idx_turns] = k + np.arange(len(idx_turns))
     return merged.take(pa.array(position))
+
+
+def _plain_messages(system: pa.Array, question: pa.Array, answer: pa.Array) -> pa.Array:
+    """[system, user, assistant] messages per row, assembled from the three texts' buffers."""
+    from medtune.data.dedup import _string_array, utf8_buffers
+    from medtune.data.kernels import interleave3
+
+    k = len(question)
+    data, offsets = interleave3(*utf8_buffers(_string_array(system)), *utf8_buffers(_string_array(question)),
+                                *utf8_buffers(_string_array(answer)))
+    contents = pa.StringArray.from_buffers(3 * k, pa.py_buffer(offsets), pa.py_buffer(data))
+    role_offsets = (np.tile(np.array([0, 6, 10], np.int32), k) + np.repeat(np.arange(k, dtype=np.int32) * 19, 3))
+    roles = pa.StringArray.from_buffers(3 * k, pa.py_buffer(np.append(role_offsets, np.int32(19 * k))),
+                                        pa.py_buffer(b"systemuserassistant" * k))
+    structs = pa.StructArray.from_arrays([roles, contents], names=["role", "content"])
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, 3 * k + 1, 3, dtype=np.int32)), structs).cast(MESSAGES_TYPE)
 
 
 def _json_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -483,7 +530,7 @@ def prepare(input: Path, output: Path, department: str | None = None,
         output: directory for the splits, rejects.jsonl, boilerplate.json, manifest.json and the classifier
         department: top-level department (e.g. 内科) of a CSV/JSONL input; the six-folder layout names its own
     """
-    from medtune.data.clean import boilerplate_from_counts
+    from medtune.data.clean import boilerplate_from_counts, unicode_tables
     from medtune.data.dedup import Sketcher
     from medtune.data.load import PARALLEL_MIN_BYTES, discover, load, process_pool, read_ipc, release_memory
 
@@ -502,7 +549,7 @@ def prepare(input: Path, output: Path, department: str | None = None,
     qa_sketch = Sketcher(settings.dedup_threshold, settings.dedup_num_perm, seed=settings.seed)
     q_sketch = Sketcher(settings.split_threshold, settings.split_num_perm, seed=settings.seed + 1, recall=SPLIT_RECALL)
     features = RowFeatures(settings.scrub, qa_sketch, q_sketch,
-                           max(1, math.ceil(settings.boilerplate_min_count / len(files))))
+                           max(1, math.ceil(settings.boilerplate_min_count / len(files))), unicode_tables())
     # The workers' rows go to Arrow files here; this process reads back only what each stage needs.
     spill = tempfile.TemporaryDirectory(prefix=".medtune-", dir=output)
     try:
@@ -552,7 +599,7 @@ def prepare(input: Path, output: Path, department: str | None = None,
             with stage("split", rows.count) as rec:
                 kept = np.flatnonzero(rows.alive)
                 split, rec["question_clusters"] = _split(rows, settings)
-                rows.table = rows.table.drop_columns(["qa_bands", "qa_sketch", "q_bands", "q_sketch", "qa_print"])
+                rows.matrices.clear()
                 release_memory()
 
             # The classifier trains in a worker while the splits are written.
@@ -686,7 +733,7 @@ def _near_duplicates(rows: _Ledger, threshold: float) -> int:
     from medtune.data.dedup import near_duplicate_groups
 
     alive = np.flatnonzero(rows.alive)
-    groups = near_duplicate_groups(rows.column("qa_bands"), rows.column("qa_sketch"), threshold)
+    groups = near_duplicate_groups(rows.matrices["qa_bands"], rows.matrices["qa_sketch"], threshold, rows=alive)
     dup = np.flatnonzero(~groups.is_first)
     if len(dup):
         of = rows.locate(alive[groups.label[dup]])
@@ -701,8 +748,8 @@ def _split(rows: _Ledger, settings: PrepareArgs) -> tuple[np.ndarray, dict]:
     from medtune.data.dedup import near_duplicate_groups
     from medtune.data.split import assign_splits
 
-    clusters = near_duplicate_groups(rows.column("q_bands"), rows.column("q_sketch"), settings.split_threshold,
-                                     margin=SPLIT_MARGIN)
+    clusters = near_duplicate_groups(rows.matrices["q_bands"], rows.matrices["q_sketch"], settings.split_threshold,
+                                     margin=SPLIT_MARGIN, rows=np.flatnonzero(rows.alive))
     strata = pc.binary_join_element_wise(rows.column("department"), rows.column("sub_department"), "/")
     split = assign_splits(strata, clusters.label, settings.fractions, settings.seed)
     sizes = np.bincount(clusters.label)
@@ -755,9 +802,26 @@ def _write_splits(rows: _Ledger, kept: np.ndarray, split: np.ndarray, output: Pa
     # Dictionary pages only where values repeat (long unique texts would just be tried and dropped).
     writers = {name: pq.ParquetWriter(output / f"{name}.parquet", schema, use_dictionary=[
         "department", "sub_department", "source_file", "messages.list.element.role"]) for name in SPLITS}
+    # Row groups are encoded and compressed on a thread of their own (Arrow releases the GIL) while
+    # this one reads and assembles the next batch.
+    pending: queue.Queue = queue.Queue(maxsize=1)
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        while (item := pending.get()) is not None:
+            if not failed:
+                try:
+                    writers[item[0]].write_table(item[1])
+                except BaseException as e:  # reported by the caller; keep taking items so it never blocks
+                    failed.append(e)
+
+    writer = threading.Thread(target=write, name="medtune-parquet", daemon=True)
+    writer.start()
     try:
         columns = ["question", "department", "sub_department", "system", "history", "source_file", "source_line"]
         for start, batch in rows.batches(columns, answers=True):
+            if failed:
+                break
             mine = code[start:start + batch.num_rows]
             for k, name in enumerate(SPLITS):
                 keep = mine == k
@@ -774,14 +838,18 @@ def _write_splits(rows: _Ledger, kept: np.ndarray, split: np.ndarray, output: Pa
                 counts[name] += part.num_rows
                 _add(departments[name], _value_counts(part["sub_department"], part["department"]))
                 if sum(t.num_rows for t in buffers[name]) >= ROW_GROUP:
-                    writers[name].write_table(pa.concat_tables(buffers[name]))
+                    pending.put((name, pa.concat_tables(buffers[name])))
                     buffers[name] = []
-        for name, writer in writers.items():
+        for name in SPLITS:
             if buffers[name] or counts[name] == 0:
-                writer.write_table(pa.concat_tables(buffers[name]) if buffers[name] else schema.empty_table())
+                pending.put((name, pa.concat_tables(buffers[name]) if buffers[name] else schema.empty_table()))
     finally:
-        for writer in writers.values():
-            writer.close()
+        pending.put(None)
+        writer.join()
+        for w in writers.values():
+            w.close()
+    if failed:
+        raise failed[0]
     return counts, {name: dict(sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))) for name, d in departments.items()}
 
 
