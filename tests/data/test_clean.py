@@ -185,7 +185,12 @@ TRICKY = [
     "，。、；：好", "注意饮食，，。。多休息", "  \t\n 开头", "第一行\r\n\r\n  \t第二行\r结束  ", "头痛 （发热） 咳嗽",
     "“引号” 《书名》 【标记】", "ＡＢＣ１２３％　ｘ", "零\u200b宽\u200d\ufeff字\x07符\x0b\x0c", "6.1mmol/L。血糖.", "好.",
     "𠀀字.𠀁", "emoji😀,好", "网址 www.example.com ,电话 13812345678 .", "", "，", "\n\n", "！！好！！！", "：；好：；，",
+    "\u1680，好\u2028", "\x85好\x1c", " \u3000好\u00a0 ",
 ]
+CONTACTS = ["加微信abc12345", "WeChat: zhang_san1", "VX123456", "v信 hello12", "薇信号 abcdef7", "QQ：12345678",
+            "扣扣 1234567", "企鹅号 88888", "电话 010-12345678", "打13812345678", "400-123-4567", "邮件 a.b@c.com",
+            "HTTP://x.cn/a?b=1", "www.haodf.com", "见 Example.COM 页", "见 xx.top", "编号 12-345", "体温37.5度",
+            "维生素B12", "查CT", "mg/dL", "qq", "[电话]", "数字 123 4567"]
 
 
 def test_compiled_normalisation_matches_the_regex_rules(sample_csv):
@@ -195,6 +200,17 @@ def test_compiled_normalisation_matches_the_regex_rules(sample_csv):
     for col in ("title", "ask", "answer"):
         texts = pa.concat_arrays([table[col].combine_chunks(), pa.array(TRICKY)])
         assert normalise_text(texts).to_pylist() == normalise_text_reference(texts).to_pylist()
+    texts = pa.concat_arrays([normalise_text(table["answer"]), normalise_text(pa.array(CONTACTS + TRICKY))])
+    from medtune.data.clean import normalise_flagged
+
+    _, flags = normalise_flagged(pa.concat_arrays([table["answer"].combine_chunks(), pa.array(CONTACTS + TRICKY)]))
+    from medtune.data.kernels import MAY_HOLD_CONTACT
+
+    candidates = (flags & MAY_HOLD_CONTACT) != 0
+    # the flag is a superset of the rows the scrubbing changes: scrubbing only those gives the same texts
+    assert scrub_contacts(texts, candidates).to_pylist() == scrub_contacts(texts).to_pylist()
+    assert pc.sum(pc.not_equal(scrub_contacts(texts), texts)).as_py() >= 17
+    assert candidates.mean() < 0.5                              # and it leaves most rows alone
     with_nulls = pa.array(["好 , 好", None, "a"])
     assert normalise_text(with_nulls).to_pylist() == ["好，好", None, "a"]
 

@@ -129,16 +129,21 @@ def normalise_text(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     Compiled (`medtune.data.kernels.normalise_kernel`): the regex steps of `normalise_text_reference`
     in one pass per row.
     """
+    return normalise_flagged(arr)[0]
+
+
+def normalise_flagged(arr: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """`normalise_text`, and per row the kernel's flags (`kernels.MAY_HOLD_CONTACT`, `kernels.HAS_BRACKET`)."""
     from medtune.data.dedup import _string_array, utf8_buffers
     from medtune.data.kernels import normalise_kernel
 
     arr = _string_array(_flat(arr))
     translate, classes = unicode_tables()
-    out, offsets = normalise_kernel(*utf8_buffers(arr), translate, classes)
+    out, offsets, flags = normalise_kernel(*utf8_buffers(arr), translate, classes)
     result = pa.StringArray.from_buffers(len(arr), pa.py_buffer(offsets), pa.py_buffer(out))
     if arr.null_count:
         result = pc.if_else(pc.is_null(arr), pa.scalar(None, pa.string()), result)
-    return pc.utf8_trim_whitespace(result)
+    return result, flags
 
 
 def normalise_text_reference(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -174,6 +179,9 @@ def unicode_tables() -> tuple[np.ndarray, np.ndarray]:
                            (K.END_BIT, SENTENCE_ENDS)):
             for c in chars:
                 classes[ord(c)] |= bit
+        bmp = pa.array([chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000])
+        blank = pc.equal(pc.utf8_trim_whitespace(bmp), "").to_numpy(zero_copy_only=False)
+        classes[[ord(c) for c, b in zip(bmp.to_pylist(), blank) if b]] |= K.SPACE_BIT  # Arrow's whitespace
         _TABLES = translate, classes
     return _TABLES
 
@@ -189,10 +197,23 @@ def _punctuation(arr: pa.Array) -> pa.Array:
     return arr
 
 
-def scrub_contacts(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """URLs, e-mail addresses, phone numbers, QQ numbers and WeChat ids replaced by placeholders."""
-    return _where(_flat(arr), _NEEDS_SCRUB,
-                  lambda a: _steps(a, [(p, PLACEHOLDERS[kind]) for kind, p in _SCRUB_STEPS]))
+def scrub_contacts(arr: pa.Array | pa.ChunkedArray, candidates: np.ndarray | None = None) -> pa.Array:
+    """URLs, e-mail addresses, phone numbers, QQ numbers and WeChat ids replaced by placeholders.
+
+    ``candidates``: the rows that may hold any (`normalise_flagged`'s MAY_HOLD_CONTACT); the others are
+    not searched.
+    """
+    arr = _flat(arr)
+
+    def scrub(a: pa.Array) -> pa.Array:
+        return _where(a, _NEEDS_SCRUB, lambda b: _steps(b, [(p, PLACEHOLDERS[kind]) for kind, p in _SCRUB_STEPS]))
+
+    if candidates is None:
+        return scrub(arr)
+    if not candidates.any():
+        return arr
+    mask = pa.array(candidates)
+    return pc.replace_with_mask(arr, mask, scrub(arr.filter(mask)))
 
 
 def count_placeholders(*arrays: pa.Array | pa.ChunkedArray) -> dict[str, int]:
@@ -245,12 +266,21 @@ def normalise_table(raw: pa.Table, scrub: bool = True) -> pa.Table:
 
     Row-local, so it runs where each file is read (in the load workers).
     """
+    from medtune.data.kernels import HAS_BRACKET, MAY_HOLD_CONTACT
+
+    brackets = np.zeros(raw.num_rows, dtype=bool)  # rows that may hold a placeholder (see count_placeholders)
+
     def one(col: str) -> pa.Array:
-        arr = normalise_text(raw.column(col))
-        return scrub_contacts(arr) if scrub else arr
+        arr, flags = normalise_flagged(raw.column(col))
+        contact = (flags & MAY_HOLD_CONTACT) != 0
+        brackets[:] |= contact if scrub else False
+        brackets[:] |= (flags & HAS_BRACKET) != 0
+        return scrub_contacts(arr, contact) if scrub else arr
 
     question = merge_question(one("title"), one("ask"))
-    return raw.append_column("question", question).append_column("clean_answer", one("answer"))
+    answer = one("answer")
+    return (raw.append_column("question", question).append_column("clean_answer", answer)
+            .append_column("may_hold_placeholders", pa.array(brackets)))
 
 
 # ----------------------------------------------------------------------------- sentences and boilerplate

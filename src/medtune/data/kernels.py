@@ -408,7 +408,8 @@ def agreement(low, a, b):
 # character the step needs). `clean.normalise_text_reference` keeps the regex steps; the tests compare
 # the two on the whole sample.
 
-HAN, CN_PUNCT_BIT, RUN_BIT, LEAD_BIT, WORD_BIT, END_BIT = 1, 2, 4, 8, 16, 32
+HAN, CN_PUNCT_BIT, RUN_BIT, LEAD_BIT, WORD_BIT, END_BIT, SPACE_BIT = 1, 2, 4, 8, 16, 32, 64
+MAY_HOLD_CONTACT, HAS_BRACKET = 1, 2  # per-row flags of `normalise_kernel`
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -603,14 +604,15 @@ def _put(out, q, cp):
 
 @njit(cache=True, nogil=True)
 def normalise_kernel(data, off, translate, cls):
-    """Normalise every row (rules: `medtune.data.clean`); (new UTF-8 bytes, new int32 offsets).
+    """Normalise every row (rules: `medtune.data.clean`); (new UTF-8 bytes, new int32 offsets, flags).
 
     ``translate``: per BMP code point its replacement, -1 to delete it (identity where unchanged);
-    ``cls``: per code point the class bits above. Outer whitespace is left for the caller to trim.
+    ``cls``: per code point the class bits above. ``flags``: per row, `_contact_flags`.
     """
     n = off.shape[0] - 1
     out = np.empty(16 + np.int64(off[n] - off[0]) * 3, np.uint8)  # a 1-byte mark may become 3 bytes
     new_off = np.empty(n + 1, np.int32)
+    flags = np.zeros(n, np.uint8)
     a = np.empty(64, np.int32)
     b = np.empty(64, np.int32)
     q = 0
@@ -669,13 +671,55 @@ def normalise_kernel(data, off, translate, cls):
         if need_runs:
             k = _repeats(a, k, b, cls)
             a, b = b, a
-        s = 0  # ^[，。！？；：、）》】…\s]+ → ''
+        s = 0  # ^[，。！？；：、）》】…\s]+ → '', then outer whitespace (as Arrow's utf8_trim_whitespace)
         while s < k and (_cls(cls, a[s]) & LEAD_BIT):
             s += 1
+        while s < k and (_cls(cls, a[s]) & SPACE_BIT):
+            s += 1
+        while k > s and (_cls(cls, a[k - 1]) & SPACE_BIT):
+            k -= 1
+        flags[r] = _contact_flags(a, s, k)
         for j in range(s, k):
             q = _put(out, q, a[j])
     new_off[n] = q
-    return out[:q], new_off
+    return out[:q], new_off, flags
+
+
+@njit(cache=True, nogil=True)
+def _contact_flags(a, s, k):
+    """MAY_HOLD_CONTACT when the text holds something every contact pattern of `clean.scrub_contacts`
+    needs ('@', 3+ digits in a row, 信, www/http/vx/weixin/wechat in any case, a '.' before a letter);
+    HAS_BRACKET when it holds '['. A text without the first is left alone by the scrubbing."""
+    flags = np.uint8(0)
+    digits = 0
+    letters = np.uint64(0)  # the last ASCII letters, lower-cased, one per byte
+    prev = 0
+    for j in range(s, k):
+        c = a[j]
+        if 48 <= c <= 57:
+            digits += 1
+            if digits >= 3:
+                flags |= MAY_HOLD_CONTACT
+        else:
+            digits = 0
+        lower = c | 32 if (65 <= c <= 90) else c
+        if 97 <= lower <= 122:
+            letters = (letters << np.uint64(8)) | np.uint64(lower)
+            if (letters & np.uint64(0xFFFFFF)) == np.uint64(0x777777) or (letters & np.uint64(0xFFFFFFFF)) == np.uint64(0x68747470) \
+                    or (letters & np.uint64(0xFFFF)) == np.uint64(0x7678) \
+                    or (letters & np.uint64(0xFFFFFFFFFFFF)) == np.uint64(0x77656978696E) \
+                    or (letters & np.uint64(0xFFFFFFFFFFFF)) == np.uint64(0x776563686174):
+                flags |= MAY_HOLD_CONTACT
+            if prev == 46:
+                flags |= MAY_HOLD_CONTACT
+        else:
+            letters = np.uint64(0)
+        if c == 64 or c == 0x4FE1:
+            flags |= MAY_HOLD_CONTACT
+        elif c == 91:
+            flags |= HAS_BRACKET
+        prev = c
+    return flags
 
 
 @njit(cache=True, nogil=True)

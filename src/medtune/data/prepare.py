@@ -260,6 +260,7 @@ class _Ledger:
         self.alive = np.ones(self.table.num_rows, dtype=bool)
         self.load_rejects = load_rejects
         self.pending: list[tuple[np.ndarray, np.ndarray | None, pa.Table]] = []
+        self.texts: list[tuple[np.ndarray, pa.Table]] = []  # see keep_texts
 
     @property
     def count(self) -> int:
@@ -271,9 +272,11 @@ class _Ledger:
             return self.matrices[name][self.alive]
         return self.table[name].filter(pa.array(self.alive))
 
-    def batches(self, columns: list[str], answers: bool = False, raw: bool = False) -> Iterator[tuple[int, pa.Table]]:
+    def batches(self, columns: list[str], answers: bool = False, raw: bool = False,
+                consume: bool = False) -> Iterator[tuple[int, pa.Table]]:
         """(first row, table) per spilled batch: ``columns`` of the main files, plus the final answer
-        (``answers``) or the original texts (``raw``) of the same rows."""
+        (``answers``) or the original texts (``raw``) of the same rows. ``consume``: delete each file's
+        spills once read (their pages are then reused for what is written next: fresh memory is costly)."""
         from medtune.data.load import ipc_batches, spill_paths
 
         start = 0
@@ -286,11 +289,27 @@ class _Ledger:
                 streams.append(ipc_batches(original))
             for parts in zip(*streams):
                 table = parts[0]
-                for extra in parts[1:]:
+                for k, extra in enumerate(parts[1:]):
+                    original_texts = raw and k == len(parts) - 2 and answers  # both: the originals as original_*
                     for name in extra.column_names:
-                        table = table.append_column(name, extra[name])
+                        table = table.append_column(f"original_{name}" if original_texts else name, extra[name])
                 yield start, table
                 start += table.num_rows
+            if consume:
+                for path in (main, original, spill.with_suffix(".answers.arrow")):
+                    path.unlink(missing_ok=True)
+        if consume:
+            self.spills = []
+
+    def keep_texts(self, start: int, table: pa.Table) -> None:
+        """Keep the original texts of this batch's dropped rows (``table`` from `batches` with ``raw``),
+        so that `rejects` needs no second pass over the spills."""
+        from medtune.data.load import RAW_TEXT
+
+        dropped = np.flatnonzero(~self.alive[start:start + table.num_rows])
+        if len(dropped):
+            texts = table.select([f"original_{name}" for name in RAW_TEXT]).rename_columns(list(RAW_TEXT))
+            self.texts.append((start + dropped, texts.take(pa.array(dropped))))
 
     def gather(self, rows: np.ndarray, columns: list[str], raw: bool = False) -> pa.Table:
         """``columns`` of the rows ``rows`` (in that order), read from the spilled files."""
@@ -341,7 +360,13 @@ class _Ledger:
         for rows, of, _ in self.pending:
             if of is not None:
                 link[rows] = of
-        texts = self.gather(np.concatenate([rows for rows, _, _ in self.pending]), [], raw=True)
+        wanted = np.concatenate([rows for rows, _, _ in self.pending])
+        if self.texts:  # kept while the splits were written
+            have = np.concatenate([rows for rows, _ in self.texts])
+            texts = pa.concat_tables([t for _, t in self.texts]).combine_chunks()
+            texts = texts.take(pa.array(np.argsort(have)[np.searchsorted(np.sort(have), wanted)]))
+        else:
+            texts = self.gather(wanted, [], raw=True)
         start = 0
         for rows, of, part in self.pending:
             mine = texts.slice(start, len(rows))
@@ -674,10 +699,11 @@ def finish_answers(spill: Path, *, phrases: list[str], tokenizer: Path | None = 
     removed: dict[str, int] = {}
     scrubbed: dict[str, int] = {}
     with pa.ipc.new_file(str(out), FINISHED_SCHEMA) as writer:
-        for batch in ipc_batches(spill, ["question", "clean_answer"]):  # one out per in: the batches line up
+        for batch in ipc_batches(spill, ["question", "clean_answer", "may_hold_placeholders"]):  # batches line up
             answer, counts = strip_boilerplate(batch["clean_answer"], phrases, threads=1)
             _add(removed, counts)
-            _add(scrubbed, count_placeholders(batch["question"], answer))
+            maybe = batch["may_hold_placeholders"]  # the others hold none (see clean.normalise_table)
+            _add(scrubbed, count_placeholders(batch["question"].filter(maybe), answer.filter(maybe)))
             writer.write_table(pa.table({
                 "answer": answer, "empty_before": pc.equal(pc.utf8_length(batch["clean_answer"]), 0),
                 "question_length": pa.array(lengths(batch["question"], count_tokens), pa.int64()),
@@ -819,9 +845,10 @@ def _write_splits(rows: _Ledger, kept: np.ndarray, split: np.ndarray, output: Pa
     writer.start()
     try:
         columns = ["question", "department", "sub_department", "system", "history", "source_file", "source_line"]
-        for start, batch in rows.batches(columns, answers=True):
+        for start, batch in rows.batches(columns, answers=True, raw=True, consume=True):
             if failed:
                 break
+            rows.keep_texts(start, batch)
             mine = code[start:start + batch.num_rows]
             for k, name in enumerate(SPLITS):
                 keep = mine == k
