@@ -67,24 +67,35 @@ class CharNgrams:
         return self.transform(texts)
 
     def transform(self, texts):
+        from scipy.sparse import csr_matrix, vstack
+
+        texts = list(texts)
+        # In chunks: the per-n-gram arrays of 50,000 long questions would take ~1 GB at once.
+        parts = [self._counts(texts[i:i + self.CHUNK]) for i in range(0, len(texts), self.CHUNK)]
+        return vstack(parts, format="csr") if parts else csr_matrix((0, self.n_features), dtype=np.float32)
+
+    CHUNK = 4096  # texts at a time
+
+    def _counts(self, texts: list[str]):
         import pyarrow as pa
         from scipy.sparse import csr_matrix
 
         from medtune.data.dedup import codepoints
 
-        cp, bounds = codepoints(pa.array(list(texts), pa.string()))
+        bits = int(np.log2(self.n_features))
+        cp, bounds = codepoints(pa.array(texts, pa.string()))
         cp = cp.astype(np.uint64)
-        rows = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+        rows = np.repeat(np.arange(len(texts), dtype=np.int64), np.diff(bounds))
         pair = np.ones(len(cp), dtype=bool)  # a pair starts anywhere but at a text's last character
         pair[bounds[1:][bounds[1:] > bounds[:-1]] - 1] = False
         pair = np.flatnonzero(pair[:-1]) if len(cp) else np.zeros(0, np.int64)
         keys = np.concatenate([cp, (cp[pair] << np.uint64(21) | cp[pair + 1]) | np.uint64(1 << 63)])
         keys *= np.uint64(0x9E3779B97F4A7C15)  # multiply-shift hashing into n_features columns
-        cols = (keys >> np.uint64(64 - int(np.log2(self.n_features)))).astype(np.int64)
-        data = np.ones(len(cols), dtype=np.float32)
-        out = csr_matrix((data, (np.concatenate([rows, rows[pair]]), cols)), shape=(len(bounds) - 1, self.n_features))
-        out.sum_duplicates()
-        return out
+        cols = (keys >> np.uint64(64 - bits)).astype(np.int64)
+        cells, counts = np.unique((np.concatenate([rows, rows[pair]]) << bits) | cols, return_counts=True)
+        indptr = np.searchsorted(cells >> bits, np.arange(len(texts) + 1))  # cells are sorted by row, then column
+        return csr_matrix((counts.astype(np.float32), (cells & (self.n_features - 1)).astype(np.int32), indptr),
+                          shape=(len(texts), self.n_features))
 
 
 def fit(questions: Sequence[str], labels: Sequence[str], *, max_rows: int = 50_000, seed: int = 0,
