@@ -1,9 +1,18 @@
-"""Compiled kernels (numba) over Arrow string buffers: MinHash sketches and answer sentences.
+"""Compiled kernels (numba) over Arrow string buffers: the per-row work of `medtune data prepare`.
 
 Each kernel reads a string array's UTF-8 bytes and offsets as they lie in Arrow memory (see
 `medtune.data.dedup.utf8_buffers`) and does a row's whole work in one pass, with nothing per
 character or shingle stored: the pipeline's per-row Python/regex passes over 800,000 rows were its
-main cost.
+main cost. Kernels (each section below says more):
+
+* `sketch_kernel` — MinHash signatures and fingerprints (`medtune.data.dedup`);
+* `sentence_spans`, `drop_spans` — answer sentences, their keys, boilerplate removal (`medtune.data.clean`);
+* `normalise_kernel`, `merge_kernel` — text normalisation and the title merge, the same rules as the
+  regex versions in `medtune.data.clean` (the tests compare them);
+* `link_band`, `roots`, `agreement` — near-duplicate clusters from LSH buckets (union-find);
+* `interleave3` — the chat ``messages`` column's texts.
+
+numba compiles each on its first call and caches the machine code on disk (`warm_up`).
 
 **MinHash** (`sketch_kernel`). For every row the kernel reads the question's and the answer's bytes straight from their Arrow
 buffers, decodes the characters, forms the character 3-gram shingles of ``question + "\\n" + answer``
