@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 # the sentence helpers later stages use without pyarrow (inference, serving) live in medtune.sentences
 from medtune.sentences import (  # noqa: F401  (re-exported: part of this module's interface)
-    _SEP, CN_PUNCT, KEY_TRIM, SENTENCE_ENDS, _key, load_boilerplate, remove_boilerplate, split_sentences)
+    CN_PUNCT, KEY_TRIM, SENTENCE_ENDS, _key, load_boilerplate, remove_boilerplate, split_sentences)
 
 # ----------------------------------------------------------------------------- patterns
 
@@ -88,7 +88,6 @@ _SCRUB_STEPS: list[tuple[str, str]] = [
 ]
 _NEEDS_SCRUB = r"(?i)https?:|www\.|\.(?:com|cn|net|org|cc|info|top)\b|\d{5,}|\d{3,4}[- ]\d{3,}|qq|扣扣|企鹅|微信|weixin|wechat|vx|v信|薇信|@"
 
-_SENTENCE_RUN = f"([{SENTENCE_ENDS}]+)"
 _TITLE_END = f"[{SENTENCE_ENDS}]$"
 _PUNCT_SPACE = r"[^\p{L}\p{N}]+"
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-MIX = np.uint64(0x9E3779B97F4A7C15)
 EMPTY = np.uint64(0xFFFFFFFF)  # a slot no shingle reached (empty text)
 
 
@@ -235,7 +234,7 @@ def sentence_spans(data, off, cls, min_chars):
             cap = 2 * cap + (end - p) + 1
             row = _grow1(row, cap)
             span = _grow2(span, cap)
-            hashes = _grow1u(hashes, cap)
+            hashes = _grow1(hashes, cap)
             nchars = _grow1(nchars, cap)
         start = p
         in_run = False
@@ -272,13 +271,6 @@ def sentence_spans(data, off, cls, min_chars):
 
 @njit(cache=True)
 def _grow1(a, cap):
-    out = np.empty(cap, a.dtype)
-    out[:a.shape[0]] = a
-    return out
-
-
-@njit(cache=True)
-def _grow1u(a, cap):
     out = np.empty(cap, a.dtype)
     out[:a.shape[0]] = a
     return out

@@ -28,7 +28,9 @@ The per-row text work runs in compiled kernels (`medtune.data.kernels`). This pr
 per-row columns in memory (place, department, sketches, lengths) and reads the texts back batch by
 batch when it writes them, so memory stays under 3 GB for the full 800,000-row dataset. Fresh memory is
 itself a cost here (every new page is a fault; on a VM often a host fault too): spills are
-memory-mapped where only a few columns are wanted, and large results are written into place. With one input file the parsing is not parallel (a file is one task).
+memory-mapped where only a few columns are wanted, large results are written into place, and each
+file's spills are deleted once written out. With one input file the parsing is not parallel (a file is
+one task).
 
 Every row read is either in a split or in ``rejects.jsonl`` with its reason; the count is checked.
 """
@@ -275,8 +277,9 @@ class _Ledger:
     def batches(self, columns: list[str], answers: bool = False, raw: bool = False,
                 consume: bool = False) -> Iterator[tuple[int, pa.Table]]:
         """(first row, table) per spilled batch: ``columns`` of the main files, plus the final answer
-        (``answers``) or the original texts (``raw``) of the same rows. ``consume``: delete each file's
-        spills once read (their pages are then reused for what is written next: fresh memory is costly)."""
+        (``answers``) and the original texts (``raw``: ``original_title`` …) of the same rows.
+        ``consume``: delete each file's spills once read (their pages are then reused for what is written
+        next: fresh memory is costly)."""
         from medtune.data.load import ipc_batches, spill_paths
 
         start = 0
@@ -289,10 +292,10 @@ class _Ledger:
                 streams.append(ipc_batches(original))
             for parts in zip(*streams):
                 table = parts[0]
-                for k, extra in enumerate(parts[1:]):
-                    original_texts = raw and k == len(parts) - 2 and answers  # both: the originals as original_*
-                    for name in extra.column_names:
-                        table = table.append_column(f"original_{name}" if original_texts else name, extra[name])
+                for extra in parts[1:]:
+                    for name in extra.column_names:  # the original texts as original_* (answer is the final one)
+                        table = table.append_column(name if extra is parts[1] and answers else f"original_{name}",
+                                                    extra[name])
                 yield start, table
                 start += table.num_rows
             if consume:
@@ -323,6 +326,7 @@ class _Ledger:
         table = pa.concat_tables(picked).combine_chunks() if picked else None
         if table is None:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
+        table = table.rename_columns([c.removeprefix("original_") for c in table.column_names])
         return table.take(pa.array(np.searchsorted(order, rows)))
 
     def locate(self, rows: np.ndarray) -> pa.Array:
@@ -424,8 +428,8 @@ def _token_counter(path: Path) -> Callable[[list[str]], list[int]]:
 def build_messages_column(question, answer, department, sub_department, system, history) -> pa.Array:
     """The chat ``messages`` of each row, as `medtune.chat_format.build_messages` builds them.
 
-    Rows without history get [system prompt, question, answer] assembled from the texts' buffers (the prompt comes
-    from `chat_format.system_prompt`, once per department); rows with earlier turns go through
+    Rows without history get [system prompt, question, answer] assembled from the texts' buffers (the
+    prompt comes from `chat_format.system_prompt`, once per department); rows with earlier turns go through
     `build_messages` itself.
     """
     from medtune.chat_format import build_messages, system_prompt
