@@ -220,7 +220,7 @@ def run_stage(stage: str, data_dir: Path, output: Path) -> dict:
         from medtune.data.prepare import prepare
 
         # numba's compiled kernels are cached on disk: only a first run after installing compiles them
-        # (~10 s, once). Load (or build) that cache before the clock starts, as pandas is imported above.
+        # (~12 s, once). Load (or build) that cache before the clock starts, as pandas is imported above.
         print(f"    kernels ready in {warm_up():.1f} s", file=sys.stderr)
         cpu0, t0 = cpu(), time.perf_counter()
         manifest = prepare(data_dir, output)
