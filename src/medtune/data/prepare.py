@@ -207,12 +207,6 @@ def _peak_rss_mb() -> float | None:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
-def _rows_in(path: Path) -> int:
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-
-
 def _load_rejects(rows: list[dict]) -> pa.Table:
     cols = {f.name: [r.get(f.name) for r in rows] for f in REJECT_SCHEMA}
     return pa.table(cols, schema=REJECT_SCHEMA)
@@ -235,7 +229,8 @@ class _Ledger:
     MATRICES = {"qa_bands": np.uint32, "qa_sketch": np.uint8, "q_bands": np.uint32, "q_sketch": np.uint8,
                 "qa_print": np.uint8}  # sketches and fingerprints, held as numpy matrices
 
-    def __init__(self, spills: list[Path], load_rejects: list[dict]):
+    def __init__(self, spills: list[Path], rows: int, load_rejects: list[dict]):
+        """``spills``: the load workers' files, holding ``rows`` rows in all."""
         from medtune.data.dedup import _matrix
 
         self.spills = spills
@@ -248,9 +243,8 @@ class _Ledger:
             with pa.memory_map(str(p)) as source:
                 reader = pa.ipc.open_file(source)
                 if not self.matrices:
-                    total = sum(_rows_in(q) for q in spills)
                     first = reader.get_batch(0)
-                    self.matrices = {name: np.empty((total, _matrix(first.column(name), dtype).shape[1]), dtype)
+                    self.matrices = {name: np.empty((rows, _matrix(first.column(name), dtype).shape[1]), dtype)
                                      for name, dtype in self.MATRICES.items()}
                 for i in range(reader.num_record_batches):
                     batch = reader.get_batch(i)
@@ -258,6 +252,8 @@ class _Ledger:
                     for name, dtype in self.MATRICES.items():
                         self.matrices[name][start:start + batch.num_rows] = _matrix(batch.column(name), dtype)
                     start += batch.num_rows
+        if start != rows:
+            raise RuntimeError(f"the spills hold {start} rows, the load reported {rows}")
         self.table = pa.concat_tables(tables)
         self.alive = np.ones(self.table.num_rows, dtype=bool)
         self.load_rejects = load_rejects
@@ -587,7 +583,7 @@ def prepare(input: Path, output: Path, department: str | None = None,
             with stage("load", 0) as rec:  # parse, normalise, scrub, sketch: per file, in the workers
                 res = load(input, department, executor=executor, transform=features, spill_dir=Path(spill.name),
                            read_spills=False)
-                rows = _Ledger([f.spill for f in res.files], res.rejects)
+                rows = _Ledger([f.spill for f in res.files], sum(f.rows for f in res.files), res.rejects)
                 read, file_info = res.rows_read, [f.describe() for f in res.files]
                 extras = [e for f in res.files for e in f.extras]
                 del res
