@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -48,6 +49,16 @@ def test_normalise(raw, clean):
 ])
 def test_scrub_contacts_replaces_not_drops(raw, clean):
     assert scrub_contacts(pa.array([raw])).to_pylist() == [clean]
+
+
+def test_scrub_contacts_on_candidate_rows_copies_only_when_one_changes():
+    arr = pa.array(["电话13812345678", "身高170cm", "血压140/90", "加微信abc_12345咨询"])
+    candidates = np.array([True, True, True, True])
+    assert scrub_contacts(arr, candidates).to_pylist() == ["电话[电话]", "身高170cm", "血压140/90", "加[微信号]咨询"]
+    untouched = pa.array(["身高170cm", "血压140/90", "化验单123"])
+    assert scrub_contacts(untouched, np.array([True, False, True])) is untouched  # nothing to replace: no copy
+    # rows left out of the candidates are not searched
+    assert scrub_contacts(arr, np.array([False, True, True, False])) is arr
 
 
 def test_merge_question_skips_a_title_the_ask_repeats():

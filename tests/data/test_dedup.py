@@ -7,7 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medtune.data.dedup import Sketcher, _matrix, exact_duplicate_of, lsh_bands, near_duplicate_groups, sketch_rows
+from medtune.data.dedup import (
+    Sketcher, _matrix, exact_duplicate_of, lsh_bands, near_duplicate_groups, sketch_rows, utf8_buffers,
+)
 
 
 def jaccard(a: str, b: str, n: int = 3) -> float:
@@ -120,3 +122,12 @@ def test_band_buckets_compare_twins_behind_an_unrelated_bucket_head():
     assert label[21] == 20 and label[35] == 0           # neighbours, and the first row
     assert label[30] == 30                              # rows 10 and 30 are never compared
     assert counts[0] == 39 + 38 and counts[1] == 2
+
+
+def test_utf8_buffers_of_a_single_chunk_share_its_memory():
+    arr = pa.array(["高血压", "胃痛", "头痛"]).slice(1)
+    data, offsets = utf8_buffers(pa.chunked_array([arr]))
+    assert data.ctypes.data == arr.buffers()[2].address  # not copied
+    assert bytes(data[offsets[0]:offsets[-1]]).decode() == "胃痛头痛"
+    data, offsets = utf8_buffers(pa.chunked_array([arr, arr]))  # several chunks are joined
+    assert bytes(data[offsets[0]:offsets[-1]]).decode() == "胃痛头痛胃痛头痛"

@@ -67,6 +67,29 @@ def test_header_without_title_or_department(write_csv):
     assert t["title"].to_pylist() == [""] * 3 and t["sub_department"].to_pylist() == [""] * 3
 
 
+def _environment(names: tuple[str, ...]) -> dict:
+    import gc
+    import os
+
+    return {**{n: os.environ.get(n) for n in names}, "gc": gc.isenabled()}
+
+
+def test_process_pool_starts_workers_with_its_environment(monkeypatch):
+    import os
+
+    from medtune.data.load import WORKER_ENV
+
+    names = tuple(WORKER_ENV)
+    for n in names:
+        monkeypatch.delenv(n, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # what the user set wins
+    with process_pool(2) as pool:
+        seen = [pool.submit(_environment, names).result() for _ in range(4)]
+    assert all(s == {**WORKER_ENV, "OMP_NUM_THREADS": "3", "gc": False} for s in seen)
+    assert os.environ.get("OMP_NUM_THREADS") == "3"
+    assert all(os.environ.get(n) is None for n in names if n != "OMP_NUM_THREADS")  # this process: as it was
+
+
 def test_parallel_load_matches_sequential(six_folder_root: Path):
     with process_pool(2) as pool:
         parallel = load(six_folder_root, executor=pool)

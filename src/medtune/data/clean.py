@@ -95,7 +95,10 @@ _PUNCT_SPACE = r"[^\p{L}\p{N}]+"
 # ----------------------------------------------------------------------------- helpers
 
 def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    """One array (a single chunk as it is: `combine_chunks` would copy it)."""
+    if isinstance(arr, pa.ChunkedArray):
+        return arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+    return arr
 
 
 def _where(arr: pa.Array, pattern: str, fn) -> pa.Array:
@@ -212,7 +215,11 @@ def scrub_contacts(arr: pa.Array | pa.ChunkedArray, candidates: np.ndarray | Non
     if not candidates.any():
         return arr
     mask = pa.array(candidates)
-    return pc.replace_with_mask(arr, mask, scrub(arr.filter(mask)))
+    before = arr.filter(mask)
+    after = scrub(before)
+    if after is before or after.equals(before):  # the usual case: the whole array would be copied for nothing
+        return arr
+    return pc.replace_with_mask(arr, mask, after)
 
 
 def count_placeholders(*arrays: pa.Array | pa.ChunkedArray) -> dict[str, int]:

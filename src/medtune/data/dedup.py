@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 # ----------------------------------------------------------------------------- texts as arrays
 
 def _string_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if isinstance(arr, pa.ChunkedArray):  # a single chunk as it is: `combine_chunks` would copy it
+        arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
     if pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.string())
     return arr

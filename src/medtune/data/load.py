@@ -738,7 +738,6 @@ def read_file(src: SourceFile, transform: Transform | None = None, spill: Path |
                     out, extra = out
                     extras.append(extra)
             rows += out.num_rows
-            _trim()
             if spill is None:
                 tables.append(out)
                 continue
@@ -774,7 +773,7 @@ def release_memory() -> None:
     """Hand freed memory back to the OS (a worker's resident size counts while it waits for the next file)."""
     import gc
 
-    gc.collect()
+    gc.collect(1)  # what the task made; the libraries' long-lived objects (generation 2) are not walked again
     pa.default_memory_pool().release_unused()
     _trim()
 
@@ -875,6 +874,37 @@ def spill_paths(spill: Path) -> tuple[Path, Path]:
     return spill, spill.with_suffix(".raw.arrow")
 
 
+# The environment the pool's workers start with (a variable the user set wins). Each worker is one of the
+# cores already, so its BLAS (the classifier) runs on one thread. And mimalloc, Arrow's allocator, would
+# hand a batch's freed pages back to the OS after 10 ms: the next batch then faults them in and the kernel
+# zeroes them again, which costs more than the parsing where fresh pages are dear (virtual machines that
+# return free memory to the host). A worker keeps them for reuse; `release_memory` still runs between tasks.
+WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "1000", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
 def process_pool(workers: int) -> Executor:
-    """A pool of fresh interpreters (spawned, not forked: the parent may hold Arrow/Rayon threads)."""
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    """A pool of fresh interpreters (spawned, not forked: the parent may hold Arrow/Rayon threads).
+
+    The workers start now, with `WORKER_ENV`; this process's environment is left as it was.
+    """
+    import os
+
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_started)
+    saved = {k: os.environ.get(k) for k in WORKER_ENV}
+    try:
+        os.environ.update({k: v for k, v in WORKER_ENV.items() if saved[k] is None})
+        for _ in range(workers):  # with no idle worker, each submit spawns one
+            pool.submit(int)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+    return pool
+
+
+def _worker_started() -> None:
+    # Automatic garbage collection would walk every object of the imported libraries again and again;
+    # the tasks make few reference cycles, and `release_memory` collects them after each task.
+    import gc
+
+    gc.disable()
