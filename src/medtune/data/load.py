@@ -878,7 +878,8 @@ def spill_paths(spill: Path) -> tuple[Path, Path]:
 # cores already, so its BLAS (the classifier) runs on one thread. And mimalloc, Arrow's allocator, would
 # hand a batch's freed pages back to the OS after 10 ms: the next batch then faults them in and the kernel
 # zeroes them again, which costs more than the parsing where fresh pages are dear (virtual machines that
-# return free memory to the host). A worker keeps them for reuse; `release_memory` still runs between tasks.
+# return free memory to the host). A worker keeps them a second, for the next batches; `release_memory`
+# still returns them between tasks.
 WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "1000", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 

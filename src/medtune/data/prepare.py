@@ -281,17 +281,20 @@ class _Ledger:
         start = 0
         for spill in self.spills:
             main, original = spill_paths(spill)
-            streams = [ipc_batches(main, columns)]
+            wanted = columns + ["clean_answer"] if answers and "clean_answer" not in columns else columns
+            streams = [ipc_batches(main, wanted)]
             if answers:
                 streams.append(ipc_batches(spill.with_suffix(".answers.arrow"), ["answer"]))
             if raw:
                 streams.append(ipc_batches(original))
             for parts in zip(*streams):
                 table = parts[0]
-                for extra in parts[1:]:
-                    for name in extra.column_names:  # the original texts as original_* (answer is the final one)
-                        table = table.append_column(name if extra is parts[1] and answers else f"original_{name}",
-                                                    extra[name])
+                if answers:  # the final answer: where boilerplate removal left it as it was, the file holds null
+                    final = pc.coalesce(parts[1]["answer"], table["clean_answer"])
+                    table = table.select(columns).append_column("answer", final)
+                if raw:  # the original texts as original_*
+                    for name in parts[-1].column_names:
+                        table = table.append_column(f"original_{name}", parts[-1][name])
                 yield start, table
                 start += table.num_rows
             if consume:
@@ -685,7 +688,8 @@ def prepare(input: Path, output: Path, department: str | None = None,
 def finish_answers(spill: Path, *, phrases: list[str], tokenizer: Path | None = None) -> dict:
     """Remove the boilerplate from one loaded file's answers (a worker's task, after the list is learned).
 
-    Writes ``<spill>.answers.arrow`` with ``answer`` (final), ``empty_before`` (empty before boilerplate
+    Writes ``<spill>.answers.arrow`` with ``answer`` (final; null where it is the clean answer, as most
+    are: only what changed is written), ``empty_before`` (empty before boilerplate
     removal), ``question_length`` and ``answer_length`` (characters, or tokens of ``tokenizer``). Returns
     ``path``, ``removed`` (how often each boilerplate sentence was removed) and ``scrubbed`` (placeholders
     in the questions and final answers).
@@ -705,7 +709,8 @@ def finish_answers(spill: Path, *, phrases: list[str], tokenizer: Path | None = 
             maybe = batch["may_hold_placeholders"]  # the others hold none (see clean.normalise_table)
             _add(scrubbed, count_placeholders(batch["question"].filter(maybe), answer.filter(maybe)))
             writer.write_table(pa.table({
-                "answer": answer, "empty_before": pc.equal(pc.utf8_length(batch["clean_answer"]), 0),
+                "answer": pc.if_else(pc.equal(answer, batch["clean_answer"]), pa.scalar(None, pa.string()), answer),
+                "empty_before": pc.equal(pc.utf8_length(batch["clean_answer"]), 0),
                 "question_length": pa.array(lengths(batch["question"], count_tokens), pa.int64()),
                 "answer_length": pa.array(lengths(answer, count_tokens), pa.int64()),
             }, schema=FINISHED_SCHEMA))
