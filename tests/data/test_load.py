@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from medtune.data import TOP_DEPARTMENTS
@@ -60,6 +62,34 @@ def test_encoding_detected_per_file(write_csv, encoding):
     res = load(write_csv("x.csv", ROWS, encoding=encoding))
     assert res.files[0].encoding == {"gbk": "gb18030"}.get(encoding, encoding)
     assert res.table["answer"].to_pylist() == [r[3] for r in ROWS]
+    assert _texts_read_again(res) == len(ROWS)  # a BOM shifts no record's place
+
+
+def _texts_read_again(res) -> int:
+    """Check that the original texts of the rows Arrow's reader took, read again from the file at their
+    place (`original_texts`), are the texts parsed; returns how many rows that was."""
+    from medtune.data.load import RAW_PLACE, RAW_TEXT, original_texts
+
+    t = res.table
+    took = pa.array(np.flatnonzero(t["source_offset"].is_valid().to_numpy(zero_copy_only=False)))
+    if len(took):
+        again = original_texts(res.files[0], t["source_offset"].take(took).to_numpy(),
+                               t["source_length"].take(took).to_numpy())
+        assert again.equals(t.select(list(RAW_TEXT)).take(took).combine_chunks())
+    assert t.select(list(RAW_PLACE)).take(took).drop_null().num_rows == len(took)
+    return len(took)
+
+
+def test_original_texts_refuse_a_file_changed_since_it_was_read(write_csv):
+    from medtune.data.load import original_texts
+
+    path = write_csv("x.csv", ROWS)
+    res = load(path)
+    offsets, lengths = res.table["source_offset"].to_numpy(), res.table["source_length"].to_numpy()
+    assert original_texts(res.files[0], offsets, lengths)["ask"].to_pylist() == [r[2] for r in ROWS]
+    path.write_bytes(path.read_bytes() + "科,题,问,答\n".encode("gb18030"))
+    with pytest.raises(DataError, match="changed while it was being prepared"):
+        original_texts(res.files[0], offsets, lengths)
 
 
 def test_header_without_title_or_department(write_csv):
@@ -310,7 +340,7 @@ def test_arrow_parser_reads_every_file_as_pythons_csv_does(tmp_path: Path, monke
     with monkeypatch.context() as m:
         _python_only(m)
         slow = load(path)
-    assert fast.table.equals(slow.table)
+    _same_rows(fast, slow)
     assert fast.rejects == slow.rejects
     assert fast.files[0].sha256 == slow.files[0].sha256
     assert fast.table.num_rows > 0
@@ -318,6 +348,16 @@ def test_arrow_parser_reads_every_file_as_pythons_csv_does(tmp_path: Path, monke
     # Python's reader takes over exactly where it rejects a row or Arrow would read the bytes otherwise.
     assert (handed_over is None) == (case not in ("text after a closing quote", "doubled quotes opening a field",
                                                   "wrong field count", "field over the csv limit"))
+
+
+def _same_rows(fast, slow) -> None:
+    """The same rows from Arrow's reader (``fast``) as from Python's (``slow``); only Arrow's have a place
+    in the file, where their texts are read again the same."""
+    from medtune.data.load import RAW_PLACE
+
+    assert fast.table.drop_columns(list(RAW_PLACE)).equals(slow.table.drop_columns(list(RAW_PLACE)))
+    assert slow.table["source_offset"].null_count == slow.table.num_rows
+    _texts_read_again(fast)
 
 
 def _arrow_rows(path: Path) -> tuple[int, object]:
@@ -338,4 +378,5 @@ def test_arrow_parser_takes_the_whole_sample(sample_csv: Path, monkeypatch):
     assert _arrow_rows(sample_csv) == (7644, None)
     fast = load(sample_csv)
     _python_only(monkeypatch)
-    assert fast.table.equals(load(sample_csv).table)
+    _same_rows(fast, load(sample_csv))
+    assert _texts_read_again(fast) == 7644

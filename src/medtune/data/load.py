@@ -58,7 +58,11 @@ log = logging.getLogger(__name__)
 
 STRING_COLUMNS = ("title", "ask", "answer", "department", "sub_department", "system", "history", "source_file")
 RAW_TEXT = ("title", "ask", "answer")  # the original texts (spilled apart, see `read_file`)
-RAW_SCHEMA = pa.schema([(c, pa.string()) for c in STRING_COLUMNS] + [("source_line", pa.int64())])
+# Where a record's bytes lie in its file (offset, length without the line feed) when Arrow's reader took
+# it (null otherwise): a spill then leaves its original texts out, and `original_texts` reads them again.
+RAW_PLACE = ("source_offset", "source_length")
+RAW_SCHEMA = pa.schema([(c, pa.string()) for c in STRING_COLUMNS] + [("source_line", pa.int64())]
+                       + [(c, pa.int64()) for c in RAW_PLACE])
 DATA_DIR = "Data_数据"
 CSV_SUFFIXES = (".csv",)
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -102,6 +106,8 @@ class FileResult:
     extras: list = dataclasses.field(default_factory=list)  # what ``transform`` returned besides the tables
     spill: Path | None = None
     rows: int = 0  # rows parsed (not rejected)
+    header: tuple[str, ...] | None = None  # a CSV's column names, where Arrow's reader took some rows
+    mtime_ns: int = 0  # when the file was last changed, as it was read
 
     @property
     def rows_read(self) -> int:
@@ -198,6 +204,8 @@ class TextStream:
         self._hashed = False
         self.bad = 0
         self.first_bad_line: int | None = None
+        self.header: tuple[str, ...] | None = None  # set by `_arrow_csv_batches`
+        self.mtime_ns = self.path.stat().st_mtime_ns
 
     def _chunks(self) -> Iterator[bytes]:
         with open(self.path, "rb") as f:
@@ -397,13 +405,13 @@ def _arrow_csv_batches(src: SourceFile, stream: TextStream):
     computed on the way, is the stream's).
     """
     import numpy as np
-    import pyarrow.csv as pacsv
 
     if stream.encoding not in ("gb18030", "utf-8", "utf-8-sig"):
         return 1, None
     sha = hashlib.sha256()
     names: list[str] | None = None
     line, carry = 1, b""
+    base = 0  # the file offset of the piece
     with open(stream.path, "rb") as f:
         while True:
             chunk = f.read(PIECE_BYTES)
@@ -424,12 +432,14 @@ def _arrow_csv_batches(src: SourceFile, stream: TextStream):
                 if ends is None:
                     return line, names
             if piece:
+                at, base = base, base + len(piece)
                 if names is None and line == 1 and stream.encoding == "utf-8-sig" and piece.startswith(codecs.BOM_UTF8):
-                    piece, ends = piece[len(codecs.BOM_UTF8):], ends - len(codecs.BOM_UTF8)
-                parsed = _arrow_piece(src, piece, ends, names, line, stream.encoding, pacsv)
+                    piece, ends, at = piece[len(codecs.BOM_UTF8):], ends - len(codecs.BOM_UTF8), at + len(codecs.BOM_UTF8)
+                parsed = _arrow_piece(src, piece, ends, names, line, stream.encoding, at)
                 if parsed is None:
                     return line, names
                 names, table, line = parsed
+                stream.header = tuple(names)
                 if table is not None and table.num_rows:
                     yield table
             if not chunk:
@@ -493,9 +503,11 @@ def _record_ends(arr, final: bool = False):
     return feeds[(run < 0) | ~state[np.maximum(run, 0)]]
 
 
-def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, line: int, encoding: str, pacsv):
+def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, line: int, encoding: str,
+                 at: int = 0):
     """(names, raw-row table or None, the line after the piece) for one piece of whole records (``ends``:
-    the line feeds that end them, from `_record_ends`), or None to hand over."""
+    the line feeds that end them, from `_record_ends`; ``at``: the piece's offset in the file), or None to
+    hand over."""
     import numpy as np
 
     arr = np.frombuffer(piece, np.uint8)
@@ -510,7 +522,7 @@ def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, l
         if len(set(names)) != len(names) or not all(names):
             return None  # Arrow needs distinct, non-empty column names
         line += piece.count(b"\n", 0, end)
-        piece, arr, ends = piece[end:], arr[end:], ends[ends >= end] - end
+        piece, arr, ends, at = piece[end:], arr[end:], ends[ends >= end] - end, at + end
     after = line + piece.count(b"\n")  # the line that follows the piece
     # Each record's first line, from where the records start; blank lines (no record) are left out.
     first = np.concatenate([[0], ends + 1])
@@ -519,18 +531,14 @@ def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, l
         first, last = first[:-1], last[:-1]
     size = last - first
     blank = (size == 0) | ((size == 1) & (arr[np.minimum(first, len(arr) - 1)] == _CR)) if len(arr) else size == 0
-    first = first[~blank]
+    first, size = first[~blank], size[~blank]
     if len(first) == 0:
         return names, None, after
     starts = line + np.searchsorted(np.flatnonzero(arr == _LF), first)
     try:
         # Arrow checks UTF-8 itself; GB18030 is decoded by Python's codec, all of the piece at once.
         text = piece.decode("gb18030").encode("utf-8") if python_encoding == "gb18030" else piece
-        table = pacsv.read_csv(
-            io.BytesIO(text), read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=True),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                 strings_can_be_null=False, quoted_strings_can_be_null=False))
+        table = _arrow_read(text, names)
     except (UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowTypeError):
         return None
     n = table.num_rows
@@ -549,8 +557,20 @@ def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, l
         "department": pa.repeat(src.department, n), "sub_department": col("department"),
         "system": pa.repeat("", n), "history": pa.repeat("[]", n), "source_file": pa.repeat(src.name, n),
         "source_line": pa.array(starts, pa.int64()),
+        "source_offset": pa.array(at + first, pa.int64()), "source_length": pa.array(size, pa.int64()),
     }, schema=RAW_SCHEMA)
     return names, out, after
+
+
+def _arrow_read(text: bytes, names: list[str]) -> pa.Table:
+    """UTF-8 CSV records (no header) as string columns ``names``, by Arrow's reader."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.read_csv(
+        io.BytesIO(text), read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=True),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                             strings_can_be_null=False, quoted_strings_can_be_null=False))
 
 
 def _csv_table(src: SourceFile, names: list[str], rows: list[list[str]], starts: list[int], bad_bytes: int,
@@ -568,6 +588,7 @@ def _csv_table(src: SourceFile, names: list[str], rows: list[list[str]], starts:
         "department": pa.repeat(src.department, n), "sub_department": col("department"),
         "system": pa.repeat("", n), "history": pa.repeat("[]", n), "source_file": pa.repeat(src.name, n),
         "source_line": pa.array(starts, pa.int64()),
+        "source_offset": pa.nulls(n, pa.int64()), "source_length": pa.nulls(n, pa.int64()),
     }, schema=RAW_SCHEMA)
 
 
@@ -709,6 +730,7 @@ def _json_table(src: SourceFile, recs: list[dict], starts: list[int], bad_bytes:
     columns["department"] = pa.array([r.get("department") or src.department for r in recs], pa.string())
     columns["source_file"] = pa.repeat(src.name, n)
     columns["source_line"] = pa.array(starts, pa.int64())
+    columns["source_offset"] = columns["source_length"] = pa.nulls(n, pa.int64())
     return pa.table({f.name: columns[f.name] for f in RAW_SCHEMA}, schema=RAW_SCHEMA)
 
 
@@ -741,8 +763,13 @@ def read_file(src: SourceFile, transform: Transform | None = None, spill: Path |
             if spill is None:
                 tables.append(out)
                 continue
-            # The original texts go to a file of their own: they are read again only for rejected rows.
-            parts = (out.drop_columns(list(RAW_TEXT)), out.select(list(RAW_TEXT)))
+            # The original texts go to a file of their own: they are read again only for rejected rows. Rows
+            # Arrow's reader took leave them out (nulls): `original_texts` reads them from the file itself.
+            original = out.select(list(RAW_TEXT + RAW_PLACE))
+            if original["source_offset"].null_count == 0:
+                for i, name in enumerate(RAW_TEXT):
+                    original = original.set_column(i, name, pa.nulls(out.num_rows, pa.string()))
+            parts = (out.drop_columns(list(RAW_TEXT + RAW_PLACE)), original)
             if not writers:
                 writers = [pa.ipc.new_file(str(path), part.schema) for path, part in zip(spill_paths(spill), parts)]
             for writer, part in zip(writers, parts):
@@ -766,7 +793,31 @@ def read_file(src: SourceFile, transform: Transform | None = None, spill: Path |
     if extras and hasattr(transform, "combine"):
         extras = [transform.combine(extras)]
     table = None if spill is not None else (pa.concat_tables(tables) if len(tables) > 1 else tables[0])
-    return FileResult(src, table, rejects, stream.sha256.hexdigest(), stream.encoding, stream.size, extras, spill, rows)
+    return FileResult(src, table, rejects, stream.sha256.hexdigest(), stream.encoding, stream.size, extras, spill, rows,
+                      stream.header, stream.mtime_ns)
+
+
+def original_texts(source: FileResult, offsets: np.ndarray, lengths: np.ndarray) -> pa.Table:
+    """The original title, ask and answer of the records at ``offsets`` (``lengths`` bytes each) of a CSV
+    file Arrow's reader took them from (`RAW_PLACE`): read again and parsed the same way.
+
+    Raises if the file changed since it was read.
+    """
+    import mmap
+
+    path = source.file.path
+    st = path.stat()
+    if (st.st_size, st.st_mtime_ns) != (source.bytes, source.mtime_ns):
+        raise DataError("the file changed while it was being prepared; run again", path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        records = b"\n".join(mm[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist()))
+    if source.encoding == "gb18030":
+        records = records.decode("gb18030").encode("utf-8")
+    names = list(source.header)
+    table = _arrow_read(records, names)
+    if table.num_rows != len(offsets):
+        raise RuntimeError(f"{path}: read {table.num_rows} records again where {len(offsets)} were asked for")
+    return pa.table({name: table[name] if name in names else pa.repeat("", len(offsets)) for name in RAW_TEXT})
 
 
 def release_memory() -> None:
@@ -796,14 +847,14 @@ def _trim() -> None:
 
 
 def load(input: Path, department: str | None = None, *, executor: Executor | None = None,
-         transform: Transform | None = None, spill_dir: Path | None = None, read_spills: bool = True,
+         transform: Transform | None = None, spill_dir: Path | None = None,
          on_file: Callable[[FileResult], None] | None = None) -> LoadResult:
     """Read every file under ``input``; with an ``executor`` (a process pool) files are parsed in parallel.
 
     ``transform`` (a picklable function of a table) is applied to each batch of rows where they were
     read, so row-local cleaning shares the parallelism. With ``spill_dir``, each file's rows go to Arrow
-    IPC files there (`spill_paths`); they are read back into the returned table unless ``read_spills``
-    is false (then the table is None: read the columns you need with `read_ipc` / `ipc_batches`).
+    IPC files there (`spill_paths`) and the result's table is None: read the columns you need with
+    `read_ipc` / `ipc_batches` (the original texts of the rows Arrow's reader took with `original_texts`).
     """
     files = discover(input, department)
     spills = [None if spill_dir is None else Path(spill_dir) / f"part-{i:04d}.arrow" for i in range(len(files))]
@@ -815,14 +866,8 @@ def load(input: Path, department: str | None = None, *, executor: Executor | Non
                 on_file(results[-1])
     else:
         results = _read_parallel(files, spills, executor, transform, on_file)
-    if spill_dir is not None and not read_spills:
+    if spill_dir is not None:
         return LoadResult(None, [rej for r in results for rej in r.rejects], results)
-    for r in results:
-        if r.spill is not None:
-            main, raw = (read_ipc(p) for p in spill_paths(r.spill))
-            for name in RAW_TEXT:
-                main = main.append_column(name, raw[name])
-            r.table = main
     tables = [r.table for r in results]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     rejects = [rej for r in results for rej in r.rejects]

@@ -222,18 +222,22 @@ class _Ledger:
     The rows themselves stay in the load workers' Arrow files (`spills`); this process holds only the
     small columns every stage needs (``table``: place, department, sketches, lengths) and reads the
     texts batch by batch when it writes them. A reject keeps the row's place and reason; its original
-    texts are read when the rejects are written.
+    texts are read when the rejects are written (from the spills, or where Arrow's reader took the row,
+    from its file: `load.original_texts`).
     """
 
     SMALL = ["source_file", "source_line", "department", "sub_department"]
     MATRICES = {"qa_bands": np.uint32, "qa_sketch": np.uint8, "q_bands": np.uint32, "q_sketch": np.uint8,
                 "qa_print": np.uint8}  # sketches and fingerprints, held as numpy matrices
 
-    def __init__(self, spills: list[Path], rows: int, load_rejects: list[dict]):
-        """``spills``: the load workers' files, holding ``rows`` rows in all."""
+    def __init__(self, files: list, load_rejects: list[dict]):
+        """``files``: the load's `FileResult`s (one spill each)."""
         from medtune.data.dedup import _matrix
 
-        self.spills = spills
+        rows = sum(f.rows for f in files)
+        self.spills = spills = [f.spill for f in files]
+        self.sources = [dataclasses.replace(f, table=None, rejects=[], extras=[]) for f in files]
+        self.bounds = np.cumsum([0] + [f.rows for f in files])  # the first row of each file's spill
         # Memory-mapped, and each sketch column copied once into its final matrix: fresh memory is the
         # costly part here (each new page is a fault, and on a VM often one on the host as well).
         tables: list[pa.Table] = []
@@ -276,7 +280,7 @@ class _Ledger:
         (``answers``) and the original texts (``raw``: ``original_title`` …) of the same rows.
         ``consume``: delete each file's spills once read (their pages are then reused for what is written
         next: fresh memory is costly)."""
-        from medtune.data.load import ipc_batches, spill_paths
+        from medtune.data.load import RAW_PLACE, ipc_batches, spill_paths
 
         start = 0
         for spill in self.spills:
@@ -292,9 +296,9 @@ class _Ledger:
                 if answers:  # the final answer: where boilerplate removal left it as it was, the file holds null
                     final = pc.coalesce(parts[1]["answer"], table["clean_answer"])
                     table = table.select(columns).append_column("answer", final)
-                if raw:  # the original texts as original_*
+                if raw:  # the original texts as original_* (null where the file holds them: RAW_PLACE)
                     for name in parts[-1].column_names:
-                        table = table.append_column(f"original_{name}", parts[-1][name])
+                        table = table.append_column(name if name in RAW_PLACE else f"original_{name}", parts[-1][name])
                 yield start, table
                 start += table.num_rows
             if consume:
@@ -306,11 +310,12 @@ class _Ledger:
     def keep_texts(self, start: int, table: pa.Table) -> None:
         """Keep the original texts of this batch's dropped rows (``table`` from `batches` with ``raw``),
         so that `rejects` needs no second pass over the spills."""
-        from medtune.data.load import RAW_TEXT
+        from medtune.data.load import RAW_PLACE, RAW_TEXT
 
         dropped = np.flatnonzero(~self.alive[start:start + table.num_rows])
         if len(dropped):
-            texts = table.select([f"original_{name}" for name in RAW_TEXT]).rename_columns(list(RAW_TEXT))
+            texts = table.select([f"original_{name}" for name in RAW_TEXT] + list(RAW_PLACE))
+            texts = texts.rename_columns(list(RAW_TEXT + RAW_PLACE))
             self.texts.append((start + dropped, texts.take(pa.array(dropped))))
 
     def gather(self, rows: np.ndarray, columns: list[str], raw: bool = False) -> pa.Table:
@@ -370,6 +375,7 @@ class _Ledger:
             texts = texts.take(pa.array(np.argsort(have)[np.searchsorted(np.sort(have), wanted)]))
         else:
             texts = self.gather(wanted, [], raw=True)
+        texts = self._originals(wanted, texts)
         start = 0
         for rows, of, part in self.pending:
             mine = texts.slice(start, len(rows))
@@ -389,6 +395,30 @@ class _Ledger:
                 part = part.append_column(name, mine[name])
             parts.append(part.append_column("raw", pa.nulls(len(rows), pa.string())).select(REJECT_SCHEMA.names))
         return _sorted_rejects(parts)
+
+
+    def _originals(self, rows: np.ndarray, texts: pa.Table) -> pa.Table:
+        """The original texts of ``rows`` (``texts``: from the spills, with `load.RAW_PLACE`), those the
+        spills left out read from the files."""
+        from medtune.data.load import RAW_TEXT, original_texts
+
+        missing = np.flatnonzero(texts["title"].is_null().to_numpy(zero_copy_only=False))
+        if len(missing) == 0:
+            return texts.select(list(RAW_TEXT))
+        offsets = texts["source_offset"].take(pa.array(missing)).to_numpy()
+        lengths = texts["source_length"].take(pa.array(missing)).to_numpy()
+        source = np.searchsorted(self.bounds, rows[missing], side="right") - 1
+        found, parts = [], []
+        for k in np.unique(source):
+            mine = np.flatnonzero(source == k)
+            found.append(missing[mine])
+            parts.append(original_texts(self.sources[k], offsets[mine], lengths[mine]))
+        read = pa.concat_tables(parts).combine_chunks().take(pa.array(np.argsort(np.concatenate(found))))
+        mask = np.zeros(texts.num_rows, dtype=bool)
+        mask[missing] = True
+        mask = pa.array(mask)
+        return pa.table({name: pc.replace_with_mask(texts[name].combine_chunks(), mask, read[name].combine_chunks())
+                         for name in RAW_TEXT})
 
 
 def _sorted_rejects(parts: list[pa.Table]) -> pa.Table:
@@ -584,9 +614,8 @@ def prepare(input: Path, output: Path, department: str | None = None,
         with _Progress(8) as progress:
             stage = _Stages(progress)
             with stage("load", 0) as rec:  # parse, normalise, scrub, sketch: per file, in the workers
-                res = load(input, department, executor=executor, transform=features, spill_dir=Path(spill.name),
-                           read_spills=False)
-                rows = _Ledger([f.spill for f in res.files], sum(f.rows for f in res.files), res.rejects)
+                res = load(input, department, executor=executor, transform=features, spill_dir=Path(spill.name))
+                rows = _Ledger(res.files, res.rejects)
                 read, file_info = res.rows_read, [f.describe() for f in res.files]
                 extras = [e for f in res.files for e in f.extras]
                 del res
