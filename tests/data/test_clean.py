@@ -197,11 +197,25 @@ TRICKY = [
     "“引号” 《书名》 【标记】", "ＡＢＣ１２３％　ｘ", "零\u200b宽\u200d\ufeff字\x07符\x0b\x0c", "6.1mmol/L。血糖.", "好.",
     "𠀀字.𠀁", "emoji😀,好", "网址 www.example.com ,电话 13812345678 .", "", "，", "\n\n", "！！好！！！", "：；好：；，",
     "\u1680，好\u2028", "\x85好\x1c", " \u3000好\u00a0 ",
+    # marks that only meet once a space or a deleted character between them is gone
+    "好， 。好", "好 ！ ！", "好？\u200b？", "好，\u200b，好", "好。 ，", "好。\t。", "好！？！？", "好；好：好、好",
+    "多喝水。多休息！注意？好", "好!!", "好！!", "好？?", "，好", "。好", "好\u3000。",
 ]
 CONTACTS = ["加微信abc12345", "WeChat: zhang_san1", "VX123456", "v信 hello12", "薇信号 abcdef7", "QQ：12345678",
             "扣扣 1234567", "企鹅号 88888", "电话 010-12345678", "打13812345678", "400-123-4567", "邮件 a.b@c.com",
             "HTTP://x.cn/a?b=1", "www.haodf.com", "见 Example.COM 页", "见 xx.top", "编号 12-345", "体温37.5度",
             "维生素B12", "查CT", "mg/dL", "qq", "[电话]", "数字 123 4567"]
+
+
+def test_compiled_normalisation_matches_the_regex_rules_on_random_texts():
+    """Texts drawn from the characters the rules are about (marks, spaces, Han, full-width and deleted
+    characters), so that every rule and their interplay is hit many times."""
+    from medtune.data.clean import normalise_text_reference
+
+    rng = random.Random(7)
+    alphabet = list("好病a1 ,.!?;:，。！？；：、…（）\t\n\r\u3000\u200bＡ１？！ 。") + ["\u00a0", "\x0b", "𠀀"]
+    texts = pa.array(["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(20_000)])
+    assert normalise_text(texts).to_pylist() == normalise_text_reference(texts).to_pylist()
 
 
 def test_compiled_normalisation_matches_the_regex_rules(sample_csv):

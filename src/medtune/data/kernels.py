@@ -603,6 +603,13 @@ def _put(out, q, cp):
     return q + 4
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _copy(out, q, data, start, end):
+    for i in range(start, end):
+        out[q + i - start] = data[i]
+    return q + end - start
+
+
 @njit(cache=True, nogil=True)
 def normalise_kernel(data, off, translate, cls):
     """Normalise every row (rules: `medtune.data.clean`); (new UTF-8 bytes, new int32 offsets, flags).
@@ -626,19 +633,31 @@ def normalise_kernel(data, off, translate, cls):
             a = np.empty(2 * (end - p) + 4, np.int32)
             b = np.empty(2 * (end - p) + 4, np.int32)
         k = 0
+        start = p
         need_marks = 0
         need_dot = False
         need_space = False
         need_runs = False
+        same = True  # no character translated or deleted
+        prev = -1
+        prev_run = False
         while p < end:
             cp, size = _decode(data, p)
             p += size
             if cp < 0x10000:
+                was = cp
                 cp = translate[cp]
-                if cp < 0:
-                    continue
+                if cp != was:
+                    same = False
+                    if cp < 0:
+                        continue
             a[k] = cp
             k += 1
+            # `_repeats` changes a text only where a run mark (，、；：) or 。 follows another, or ！/？ repeats
+            run = cp == 0x3002 or (cp >= 0x80 and (_cls(cls, cp) & RUN_BIT) != 0)
+            if (run and prev_run) or ((cp == 0xFF01 or cp == 0xFF1F) and cp == prev):
+                need_runs = True
+            prev, prev_run = cp, run
             if cp < 0x80:
                 if cp == 44:
                     need_marks |= 1
@@ -654,8 +673,7 @@ def normalise_kernel(data, off, translate, cls):
                     need_dot = True
                 elif _is_s(cp) or cp == 11:
                     need_space = True
-            elif cp == 0x3002 or cp == 0xFF01 or cp == 0xFF1F or (_cls(cls, cp) & RUN_BIT):
-                need_runs = True
+        untouched = same and not (need_marks or need_dot or need_space or need_runs)
         if need_marks:
             for j in range(5):
                 if need_marks & (1 << j):
@@ -669,9 +687,11 @@ def normalise_kernel(data, off, translate, cls):
         if need_space:
             k = _whitespace(a, k, b, cls)
             a, b = b, a
+            need_runs = True  # removing spaces may bring marks together
         if need_runs:
             k = _repeats(a, k, b, cls)
             a, b = b, a
+        full = k
         s = 0  # ^[，。！？；：、）》】…\s]+ → '', then outer whitespace (as Arrow's utf8_trim_whitespace)
         while s < k and (_cls(cls, a[s]) & LEAD_BIT):
             s += 1
@@ -680,8 +700,11 @@ def normalise_kernel(data, off, translate, cls):
         while k > s and (_cls(cls, a[k - 1]) & SPACE_BIT):
             k -= 1
         flags[r] = _contact_flags(a, s, k)
-        for j in range(s, k):
-            q = _put(out, q, a[j])
+        if untouched and s == 0 and k == full:
+            q = _copy(out, q, data, start, end)  # the text as it was: its bytes, not re-encoded
+        else:
+            for j in range(s, k):
+                q = _put(out, q, a[j])
     new_off[n] = q
     return out[:q], new_off, flags
 
