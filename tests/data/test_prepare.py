@@ -251,3 +251,22 @@ def test_a_copy_of_a_dropped_row_points_to_the_row_kept(sample_rows, write_csv, 
     assert rejects[3]["reason"] == "near_duplicate" and rejects[3]["duplicate_of"] == "x.csv:2"
     assert rejects[4]["reason"] == "exact_duplicate" and rejects[4]["duplicate_of"] == "x.csv:2"
     assert "x.csv:3" in rejects[4]["detail"] and "itself dropped" in rejects[4]["detail"]
+
+
+def test_jsonl_lines_are_what_json_dumps_writes(tmp_path: Path):
+    import pyarrow as pa
+
+    from medtune.data.prepare import write_jsonl
+
+    rng = random.Random(3)
+    alphabet = list('好a"\\/\n\r\t\x00\x01\x08\x0b\x0c\x1f\x7f 😀\u2028{}') + ["\u00e9"]
+    texts = ["", "普通的回答", 'say "hi" \\ back'] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+                                                for _ in range(3000)]
+    n = len(texts)
+    table = pa.table({"text": texts, "maybe": [None if i % 7 == 0 else t for i, t in enumerate(texts)],
+                      "line": pa.array([None if i % 5 == 0 else i for i in range(n)], pa.int64())})
+    path = tmp_path / "x.jsonl"
+    write_jsonl(table, path, chunk=1000)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == n + 1
+    assert lines[:-1] == [json.dumps(row, ensure_ascii=False) for row in table.to_pylist()]

@@ -605,8 +605,8 @@ def _put(out, q, cp):
 
 @njit(cache=True, nogil=True, inline="always")
 def _copy(out, q, data, start, end):
-    for i in range(start, end):
-        out[q + i - start] = data[i]
+    """``data[start:end]`` into ``out`` at ``q``; the position after it."""
+    out[q:q + end - start] = data[start:end]
     return q + end - start
 
 
@@ -814,19 +814,58 @@ def interleave3(x_data, x_off, y_data, y_off, z_data, z_off):
     q = 0
     for r in range(n):
         offsets[3 * r] = q
-        for i in range(x_off[r], x_off[r + 1]):
-            out[q] = x_data[i]
-            q += 1
+        q = _copy(out, q, x_data, x_off[r], x_off[r + 1])
         offsets[3 * r + 1] = q
-        for i in range(y_off[r], y_off[r + 1]):
-            out[q] = y_data[i]
-            q += 1
+        q = _copy(out, q, y_data, y_off[r], y_off[r + 1])
         offsets[3 * r + 2] = q
-        for i in range(z_off[r], z_off[r + 1]):
-            out[q] = z_data[i]
-            q += 1
+        q = _copy(out, q, z_data, z_off[r], z_off[r + 1])
     offsets[3 * n] = q
     return out[:q], offsets
+
+
+_SHORT_ESCAPES = {8: ord("b"), 9: ord("t"), 10: ord("n"), 12: ord("f"), 13: ord("r"), 34: ord('"'), 92: ord("\\")}
+JSON_ESCAPE = np.zeros(128, np.uint8)  # per ASCII byte: 0 as it is, 1 as \u00XX, else the letter after "\"
+JSON_ESCAPE[:32] = 1
+for _byte, _letter in _SHORT_ESCAPES.items():
+    JSON_ESCAPE[_byte] = _letter
+
+
+@njit(cache=True, nogil=True)
+def json_strings(data, off, valid, escape):
+    """Each row as a JSON value, as ``json.dumps(text, ensure_ascii=False)`` writes it (``null`` where not
+    ``valid``): (UTF-8 bytes, n + 1 int32 offsets). ``escape``: `JSON_ESCAPE`."""
+    n = off.shape[0] - 1
+    out = np.empty(16 + 6 * np.int64(off[n] - off[0]) + 6 * n, np.uint8)  # a control byte becomes 6
+    new_off = np.empty(n + 1, np.int32)
+    q = 0
+    for r in range(n):
+        new_off[r] = q
+        if not valid[r]:
+            out[q], out[q + 1], out[q + 2], out[q + 3] = 110, 117, 108, 108  # null
+            q += 4
+            continue
+        out[q] = 34
+        q += 1
+        run = off[r]  # the start of the bytes copied as they are
+        for i in range(off[r], off[r + 1]):
+            c = data[i]
+            if c < 128 and escape[c]:
+                q = _copy(out, q, data, run, i)
+                run = i + 1
+                out[q] = 92
+                if escape[c] == 1:  # u00 and two lower-case hex digits
+                    out[q + 1], out[q + 2], out[q + 3] = 117, 48, 48
+                    out[q + 4] = 48 + (c >> 4)  # (c < 32)
+                    out[q + 5] = 48 + (c & 15) if (c & 15) < 10 else 87 + (c & 15)
+                    q += 6
+                else:
+                    out[q + 1] = escape[c]
+                    q += 2
+        q = _copy(out, q, data, run, off[r + 1])
+        out[q] = 34
+        q += 1
+    new_off[n] = q
+    return out[:q], new_off
 
 
 def warm_up() -> float:

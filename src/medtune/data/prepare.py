@@ -507,19 +507,16 @@ def _plain_messages(system: pa.Array, question: pa.Array, answer: pa.Array) -> p
 
 def _json_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each value as JSON text (strings quoted and escaped, integers as digits, null as null)."""
+    from medtune.data.dedup import _string_array, utf8_buffers
+    from medtune.data.kernels import JSON_ESCAPE, json_strings
+
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     if pa.types.is_integer(arr.type):
         return pc.fill_null(pc.cast(arr, pa.string()), "null")
-    text = arr
-    for old, new in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
-        text = pc.replace_substring(text, old, new)
-    quoted = pc.binary_join_element_wise('"', text, '"', "")
-    # Other control characters are rare: let the json module write those values.
-    odd = pc.fill_null(pc.match_substring_regex(arr, "[\\x{00}-\\x{08}\\x{0b}\\x{0c}\\x{0e}-\\x{1f}]"), False)
-    if pc.any(odd).as_py():
-        fixed = pa.array([json.dumps(v, ensure_ascii=False) for v in arr.filter(odd).to_pylist()], pa.string())
-        quoted = pc.replace_with_mask(quoted, odd, fixed)
-    return pc.fill_null(quoted, "null")
+    arr = _string_array(arr)
+    valid = np.ones(len(arr), dtype=bool) if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+    data, offsets = json_strings(*utf8_buffers(arr), valid, JSON_ESCAPE)
+    return pa.StringArray.from_buffers(len(arr), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 def write_jsonl(table: pa.Table, path: Path, chunk: int = 20_000) -> None:
