@@ -239,7 +239,7 @@ def measure(stage: str, data_dir: Path, output: Path) -> dict:
     """Run ``stage`` in a fresh interpreter, sampling the memory of its whole process tree (workers included).
 
     Both the sum of RSS (counts pages shared between the processes once per process) and the sum of
-    PSS (shares them out) are sampled every 50 ms; their peaks are reported.
+    PSS (shares them out) are sampled, RSS every 50 ms and PSS every second; their peaks are reported.
     """
     import psutil
 
@@ -353,7 +353,7 @@ def report(meta: dict, results: dict, workdir: Path, machine: dict) -> int:
         p = results["prepare"]
         stages = p["manifest"]["stages"]
         print(f"(a) medtune data prepare: {p['rows_in']:,} rows in {p['seconds']:.1f} s = {p['rows_per_s']:,.0f} rows/s, "
-              f"peak memory of the process tree: RSS {p['peak_rss_mb']:,.0f} MB, PSS {p['peak_pss_mb']:,.0f} MB "
+              f"peak memory of the process tree: RSS {p['peak_rss_mb']:,.0f} MB, PSS (sampled each second) {p['peak_pss_mb']:,.0f} MB "
               f"(largest single process {p['ru_maxrss_mb']:,.0f} MB)")
         print(f"    {'stage':<12}{'rows in':>10}{'rows out':>10}{'seconds':>9}")
         for st in stages:
