@@ -396,7 +396,6 @@ class _Ledger:
             parts.append(part.append_column("raw", pa.nulls(len(rows), pa.string())).select(REJECT_SCHEMA.names))
         return _sorted_rejects(parts)
 
-
     def _originals(self, rows: np.ndarray, texts: pa.Table) -> pa.Table:
         """The original texts of ``rows`` (``texts``: from the spills, with `load.RAW_PLACE`), those the
         spills left out read from the files."""
