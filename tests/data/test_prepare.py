@@ -270,3 +270,50 @@ def test_jsonl_lines_are_what_json_dumps_writes(tmp_path: Path):
     lines = path.read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) == n + 1
     assert lines[:-1] == [json.dumps(row, ensure_ascii=False) for row in table.to_pylist()]
+
+
+def _records_by_line(path: Path, encoding: str = "gb18030") -> dict[int, dict]:
+    """Each CSV record by the line it starts on, as Python's csv module reads it."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(path.read_bytes().decode(encoding), newline=""))
+    out, start = {}, 2
+    for rec in reader:
+        out[start] = rec
+        start = reader.line_num + 1
+    return out
+
+
+def test_rejects_hold_the_original_texts_of_the_sample(prepared_sample_dir: Path, sample_csv: Path):
+    """Read again from the file at their byte place (the spills leave them out): exactly as written."""
+    records = _records_by_line(sample_csv)
+    rejects = read_rejects(prepared_sample_dir)
+    assert len(rejects) > 300
+    for r in rejects:
+        rec = records[r["source_line"]]
+        assert (r["title"], r["ask"], r["answer"]) == (rec["title"], rec["ask"], rec["answer"])
+
+
+def test_rejects_hold_the_original_texts_where_pythons_reader_took_over(sample_rows, write_csv, tmp_path: Path,
+                                                                        monkeypatch):
+    """A bad row hands the rest of the file to Python's reader: duplicates before it are read again from
+    the file, those after it come from the spill; both as written (multi-line fields too)."""
+    monkeypatch.setattr("medtune.data.load.PIECE_BYTES", 8192)  # Arrow's reader takes the pieces before it
+    rows = [list(r) for r in sample_rows[:300]]
+    rows[5] = rows[5][:3] + ["第一行\n第二行，\"引号\"" + rows[5][3]]
+    copies = [list(rows[5]), list(rows[7]), list(rows[250]), list(rows[260])]
+    path = write_csv("x.csv", rows[:60] + copies[:2] + rows[60:] + copies[2:])
+    text = path.read_bytes().decode("gb18030").split("\n")
+    bad_at = len(text) // 2  # a line with too few fields, halfway through
+    path.write_bytes("\n".join(text[:bad_at] + ["科,只有两列"] + text[bad_at:]).encode("gb18030"))
+    m = prepare(input=path, output=tmp_path / "out", settings=PrepareArgs(workers=1))
+    assert m["counts"]["rejected_by_reason"]["wrong_field_count"] == 1
+    records = _records_by_line(path)
+    dups = [r for r in read_rejects(tmp_path / "out") if r["reason"] == "exact_duplicate"]
+    assert len(dups) >= 4
+    assert any(r["source_line"] < bad_at - 50 for r in dups) and any(r["source_line"] > bad_at for r in dups)
+    for r in dups:
+        rec = records[r["source_line"]]
+        assert (r["title"], r["ask"], r["answer"]) == (rec["title"], rec["ask"], rec["answer"])
+    assert any("第一行\n第二行" in r["answer"] for r in dups)
