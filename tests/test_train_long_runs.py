@@ -144,3 +144,4 @@ def test_two_process_ddp_on_the_cpu_writes_one_adapter(tiny_model_dir: Path, sam
     assert done.stderr.count("INFO medtune.train: padding:") == 2  # two processes trained
     assert done.stderr.count("wrote the adapter") == 1  # one process saved it
     assert len(list(tmp_path.glob("ddp*"))) == 2  # the adapter and its prepared data, nothing else
+    assert not (out / "checkpoints").exists()  # no --save-steps: its empty folder removed, once every rank was done

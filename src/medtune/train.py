@@ -540,7 +540,10 @@ def fit(model: Any, tokenizer: Any, dataset: SupervisedDataset, plan: Plan, args
     final = trainer.state.global_step
     if eval_rows is not None and not any("eval_loss" in r and r.get("step") == final for r in trainer.state.log_history):
         trainer.evaluate()  # the validation loss of the final weights (when the Trainer did not already take it)
-    if checkpoints.is_dir() and not any(p for p in checkpoints.iterdir() if not p.name.startswith(".")):
+    # Every rank lists OUTPUT/checkpoints as train() ends: only once all are done may the first remove it if empty.
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero() and checkpoints.is_dir() and not any(
+            p for p in checkpoints.iterdir() if not p.name.startswith(".")):
         shutil.rmtree(checkpoints)
     return trainer
 
