@@ -317,3 +317,25 @@ def test_rejects_hold_the_original_texts_where_pythons_reader_took_over(sample_r
         rec = records[r["source_line"]]
         assert (r["title"], r["ask"], r["answer"]) == (rec["title"], rec["ask"], rec["answer"])
     assert any("第一行\n第二行" in r["answer"] for r in dups)
+
+
+def test_the_finished_answers_spill_holds_only_the_answers_that_changed(tmp_path: Path):
+    import pyarrow as pa
+
+    from medtune.data.prepare import finish_answers
+
+    phrase = "感谢您的提问祝您健康"
+    answers = ["多喝水，注意休息。" + phrase + "。", "按时服药，一周后复查。", "", phrase + "。"] * 50
+    spill = tmp_path / "part-0000.arrow"
+    table = pa.table({"question": ["头疼怎么办"] * len(answers), "clean_answer": answers,
+                      "may_hold_placeholders": [False] * len(answers)})
+    with pa.ipc.new_file(str(spill), table.schema) as writer:
+        writer.write_table(table, max_chunksize=64)
+    done = finish_answers(spill, phrases=[phrase])
+    finished = pa.ipc.open_file(str(done["path"])).read_all()
+    expected = [remove_boilerplate(a, [phrase]) if phrase in a else None for a in answers]
+    assert finished["answer"].to_pylist() == expected and expected.count(None) == 100
+    assert done["removed"] == {phrase: 100}
+    # only the changed answers' bytes are written: the unchanged ones are null, not kept in the data buffer
+    data = sum(chunk.buffers()[2].size for chunk in finished["answer"].chunks)
+    assert data == sum(len(a.encode("utf-8")) for a in expected if a is not None)

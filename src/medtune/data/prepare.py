@@ -734,13 +734,20 @@ def finish_answers(spill: Path, *, phrases: list[str], tokenizer: Path | None = 
             maybe = batch["may_hold_placeholders"]  # the others hold none (see clean.normalise_table)
             _add(scrubbed, count_placeholders(batch["question"].filter(maybe), answer.filter(maybe)))
             writer.write_table(pa.table({
-                "answer": pc.if_else(pc.equal(answer, batch["clean_answer"]), pa.scalar(None, pa.string()), answer),
+                "answer": _changed_only(answer, batch["clean_answer"]),
                 "empty_before": pc.equal(pc.utf8_length(batch["clean_answer"]), 0),
                 "question_length": pa.array(lengths(batch["question"], count_tokens), pa.int64()),
                 "answer_length": pa.array(lengths(answer, count_tokens), pa.int64()),
             }, schema=FINISHED_SCHEMA))
     release_memory()
     return {"path": out, "removed": removed, "scrubbed": scrubbed}
+
+
+def _changed_only(answer: pa.ChunkedArray, before: pa.Array) -> pa.Array:
+    """``answer`` where it differs from ``before``, null elsewhere. (A take writes only the values it keeps;
+    `pc.if_else` with a null would keep the whole data buffer, and the spill would hold every answer.)"""
+    same = pc.fill_null(pc.equal(answer, before), True).to_numpy(zero_copy_only=False)
+    return answer.take(pa.array(np.arange(len(same)), mask=same))
 
 
 def _add(total: dict[str, int], more: dict[str, int]) -> None:
