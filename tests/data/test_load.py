@@ -380,3 +380,49 @@ def test_arrow_parser_takes_the_whole_sample(sample_csv: Path, monkeypatch):
     _python_only(monkeypatch)
     _same_rows(fast, load(sample_csv))
     assert _texts_read_again(fast) == 7644
+
+
+# ----------------------------------------------------------------------------- GB18030 → UTF-8
+
+def _kernel(data: bytes) -> bytes | None:
+    from medtune.data.kernels import gb18030_tables, gb18030_to_utf8
+
+    out = np.empty(len(data) * 3 // 2 + 4, dtype=np.uint8)
+    n = gb18030_to_utf8(np.frombuffer(data, dtype=np.uint8), *gb18030_tables(), out)
+    return out[:n].tobytes() if n >= 0 else None
+
+
+def test_gb18030_kernel_decodes_every_code_point_as_pythons_codec():
+    import random
+
+    from medtune.data.load import gb18030_to_utf8
+
+    rnd = random.Random(0)
+    points = [cp for cp in range(0x110000) if not 0xD800 <= cp < 0xE000 and (cp < 0x10000 or rnd.random() < 0.02)]
+    text = "".join(map(chr, points)) + "高血压，能吃党参吗？\r\nok"
+    data = text.encode("gb18030")
+    assert _kernel(data) == text.encode("utf-8")  # the compiled pass itself, not Python's fallback
+    assert gb18030_to_utf8(data).to_pybytes() == text.encode("utf-8")
+
+
+def test_gb18030_kernel_takes_or_refuses_each_code_as_pythons_codec():
+    two = [bytes((lead, trail)) for lead in range(0x80, 0x100) for trail in range(0x30, 0x100)]
+    four = [bytes((0x81 + i // 12600, 0x30 + i // 1260 % 10, 0x81 + i // 10 % 126, 0x30 + i % 10)) for i in range(40000)]
+    four += [bytes((b1, 0x39, 0xFE, 0x39)) for b1 in range(0x84, 0xFF)] + [b"\x90\x30\x81\x30", b"\xe3\x32\x9a\x35",
+                                                                            b"\xe3\x32\x9a\x36", b"\xfe\x39\xfe\x39"]
+    for code in two + four + [b"\x81", b"\x81\x30", b"\x81\x30\x81", b"\x80", b"\xff", b"a\x81"]:
+        try:
+            expected = code.decode("gb18030").encode("utf-8")
+        except UnicodeDecodeError:
+            expected = None
+        got = _kernel(code)
+        assert got == expected or (got is None and len(expected.decode("utf-8")) > 1), code.hex()
+
+
+def test_gb18030_to_utf8_raises_for_bytes_that_are_not_gb18030():
+    from medtune.data.load import gb18030_to_utf8
+
+    with pytest.raises(UnicodeDecodeError):
+        gb18030_to_utf8("高血压".encode("gb18030") + b"\x81\x20")
+    with pytest.raises(UnicodeDecodeError):
+        gb18030_to_utf8("高血压".encode("gb18030")[:-1])  # cut inside a character

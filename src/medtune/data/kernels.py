@@ -10,7 +10,8 @@ main cost. Kernels (each section below says more):
 * `normalise_kernel`, `merge_kernel` — text normalisation and the title merge, the same rules as the
   regex versions in `medtune.data.clean` (the tests compare them);
 * `link_band`, `roots`, `agreement` — near-duplicate clusters from LSH buckets (union-find);
-* `interleave3` — the chat ``messages`` column's texts.
+* `interleave3` — the chat ``messages`` column's texts;
+* `gb18030_to_utf8` — GB18030 bytes to UTF-8 in one pass (Python's codec makes a ``str`` and encodes it again).
 
 numba compiles each on its first call and caches the machine code on disk (`warm_up`).
 
@@ -31,6 +32,8 @@ mod 2^64 with random odd ``a_i`` (multiply-add-shift, a universal family from 64
 A text shorter than 3 characters is one shingle (its code points, tagged with its length).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from numba import njit
@@ -868,6 +871,83 @@ def json_strings(data, off, valid, escape):
     return out[:q], new_off
 
 
+# ----------------------------------------------------------------------------- GB18030 → UTF-8
+
+GB18030_BMP_FOUR = 39420  # four-byte codes 81 30 81 30 … 84 31 A4 39: the rest of the BMP
+GB18030_SUPPLEMENTARY = 189000  # the linear index of 90 30 81 30 = U+10000
+
+
+@functools.cache
+def gb18030_tables() -> tuple[np.ndarray, np.ndarray]:
+    """The code points of GB18030's two-byte codes (lead 81-FE × trail 40-FE) and of its four-byte codes
+    in the BMP, 0 where Python's codec refuses one: taken from that codec, so the kernel decodes as it does."""
+    two = np.zeros(126 * 191, dtype=np.uint32)
+    for lead in range(0x81, 0xFF):
+        for trail in range(0x40, 0xFF):
+            try:
+                text = bytes((lead, trail)).decode("gb18030")
+            except UnicodeDecodeError:
+                continue
+            if len(text) == 1 and ord(text) < 0x10000:  # (so UTF-8 takes at most 3/2 of the bytes)
+                two[(lead - 0x81) * 191 + trail - 0x40] = ord(text)
+    four = np.zeros(GB18030_BMP_FOUR, dtype=np.uint32)
+    for index in range(GB18030_BMP_FOUR):
+        b1, rest = divmod(index, 12600)
+        b2, rest = divmod(rest, 1260)
+        b3, b4 = divmod(rest, 10)
+        try:
+            text = bytes((0x81 + b1, 0x30 + b2, 0x81 + b3, 0x30 + b4)).decode("gb18030")
+        except UnicodeDecodeError:
+            continue
+        if len(text) == 1:
+            four[index] = ord(text)
+    return two, four
+
+
+@njit(cache=True, nogil=True)
+def gb18030_to_utf8(src, two, four, out):
+    """GB18030 bytes ``src`` as UTF-8 in ``out`` (at least 3/2 of ``len(src)`` bytes); the bytes written, or
+    ``-1 - i`` for the first sequence, at ``i``, it cannot decode (the caller lets Python's codec report it).
+
+    Two-byte codes and the BMP's four-byte codes come from `gb18030_tables`; the four-byte codes from
+    90 30 81 30 map linearly onto U+10000-U+10FFFF."""
+    n = src.shape[0]
+    i = 0
+    q = 0
+    while i < n:
+        b = np.int64(src[i])
+        if b < 0x80:
+            out[q] = b
+            q += 1
+            i += 1
+            continue
+        if b == 0x80 or b == 0xFF or i + 1 >= n:
+            return -1 - i
+        c = np.int64(src[i + 1])
+        if 0x40 <= c <= 0xFE:
+            cp = np.int64(two[(b - 0x81) * 191 + c - 0x40])
+            step = 2
+        elif 0x30 <= c <= 0x39 and i + 3 < n:
+            d, e = np.int64(src[i + 2]), np.int64(src[i + 3])
+            if not (0x81 <= d <= 0xFE and 0x30 <= e <= 0x39):
+                return -1 - i
+            index = (((b - 0x81) * 10 + (c - 0x30)) * 126 + (d - 0x81)) * 10 + (e - 0x30)
+            if index < GB18030_BMP_FOUR:
+                cp = np.int64(four[index])
+            elif GB18030_SUPPLEMENTARY <= index < GB18030_SUPPLEMENTARY + 0x100000:
+                cp = 0x10000 + index - GB18030_SUPPLEMENTARY
+            else:
+                return -1 - i
+            step = 4
+        else:
+            return -1 - i
+        if cp == 0:
+            return -1 - i
+        q = _put(out, q, cp)
+        i += step
+    return q
+
+
 def warm_up() -> float:
     """Load (or, on a first run, compile and cache) every kernel; seconds taken.
 
@@ -890,4 +970,5 @@ def warm_up() -> float:
     cols = sketch_rows(texts, texts, Sketcher(0.8, 64), Sketcher(0.6, 64))
     near_duplicate_groups(cols["qa_bands"], cols["qa_sketch"], 0.8)
     interleave3(*(np.zeros(1, np.uint8), np.zeros(2, np.int32)) * 3)
+    gb18030_to_utf8(np.frombuffer("高血压".encode("gb18030"), np.uint8), *gb18030_tables(), np.empty(16, np.uint8))
     return time.perf_counter() - start

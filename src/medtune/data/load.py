@@ -536,8 +536,8 @@ def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, l
         return names, None, after
     starts = line + np.searchsorted(np.flatnonzero(arr == _LF), first)
     try:
-        # Arrow checks UTF-8 itself; GB18030 is decoded by Python's codec, all of the piece at once.
-        text = piece.decode("gb18030").encode("utf-8") if python_encoding == "gb18030" else piece
+        # Arrow checks UTF-8 itself; GB18030 is decoded all of the piece at once.
+        text = gb18030_to_utf8(piece) if python_encoding == "gb18030" else piece
         table = _arrow_read(text, names)
     except (UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowTypeError):
         return None
@@ -562,12 +562,24 @@ def _arrow_piece(src: SourceFile, piece: bytes, ends, names: list[str] | None, l
     return names, out, after
 
 
-def _arrow_read(text: bytes, names: list[str]) -> pa.Table:
+def gb18030_to_utf8(data: bytes) -> pa.Buffer:
+    """GB18030 ``data`` as UTF-8, in one compiled pass; where that pass meets a sequence it cannot decode,
+    Python's codec decodes the whole (and raises `UnicodeDecodeError` for bytes that are not GB18030)."""
+    import numpy as np
+
+    from medtune.data.kernels import gb18030_tables, gb18030_to_utf8 as kernel
+
+    out = np.empty(len(data) * 3 // 2 + 4, dtype=np.uint8)
+    n = kernel(np.frombuffer(data, dtype=np.uint8), *gb18030_tables(), out)
+    return pa.py_buffer(out[:n] if n >= 0 else data.decode("gb18030").encode("utf-8"))
+
+
+def _arrow_read(text: bytes | pa.Buffer, names: list[str]) -> pa.Table:
     """UTF-8 CSV records (no header) as string columns ``names``, by Arrow's reader."""
     import pyarrow.csv as pacsv
 
     return pacsv.read_csv(
-        io.BytesIO(text), read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+        pa.BufferReader(text), read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
         parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=True),
         convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                              strings_can_be_null=False, quoted_strings_can_be_null=False))
@@ -812,7 +824,7 @@ def original_texts(source: FileResult, offsets: np.ndarray, lengths: np.ndarray)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         records = b"\n".join(mm[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist()))
     if source.encoding == "gb18030":
-        records = records.decode("gb18030").encode("utf-8")
+        records = gb18030_to_utf8(records)
     names = list(source.header)
     table = _arrow_read(records, names)
     if table.num_rows != len(offsets):
