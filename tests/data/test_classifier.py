@@ -32,3 +32,33 @@ def test_single_label_and_foreign_files(tmp_path):
     pickled.write_bytes(b"\x80\x04\x95pickle")
     with pytest.raises(MedtuneError, match="not a department classifier"):
         load_classifier(pickled)
+
+
+def _reference_counts(texts: list[str], bits: int) -> dict[tuple[int, int], int]:
+    """Character and character-pair counts per (row, hashed column), the plain way."""
+    out: dict[tuple[int, int], int] = {}
+    mask = (1 << 64) - 1
+    for r, text in enumerate(texts):
+        keys = [ord(c) for c in text] + [(ord(a) << 21 | ord(b)) | 1 << 63 for a, b in zip(text, text[1:])]
+        for key in keys:
+            col = ((key * 0x9E3779B97F4A7C15) & mask) >> (64 - bits)
+            out[r, col] = out.get((r, col), 0) + 1
+    return out
+
+
+def test_char_ngram_features_are_the_counts_of_characters_and_pairs():
+    import random
+
+    from medtune.data.classifier import CharNgrams
+
+    rnd = random.Random(0)
+    alphabet = "高血压能吃党参吗头痛发热怎么办？，。 abc123\n" + "\U00020000\U0001F600é"
+    texts = ["", "a", "高", "高高高", "ab" * 40] + ["".join(rnd.choices(alphabet, k=rnd.randrange(0, 60)))
+                                                  for _ in range(500)]
+    vec = CharNgrams(n_features=1 << 12)
+    vec.CHUNK = 97  # several chunks, stacked
+    m = vec.transform(texts).tocoo()
+    got = {(int(r), int(c)): v for r, c, v in zip(m.row, m.col, m.data)}
+    assert got == _reference_counts(texts, 12)
+    csr = vec.transform(texts)
+    assert csr.dtype == np.float32 and csr.has_sorted_indices and csr.shape == (len(texts), 1 << 12)

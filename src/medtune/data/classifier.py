@@ -46,8 +46,8 @@ class CharNgrams:
     """Hashed counts of each text's characters and character pairs: a scikit-learn transformer.
 
     The same features as ``TfidfVectorizer(analyzer="char", ngram_range=(1, 2))`` before weighting, but
-    computed with numpy over all texts at once (no Python loop per text: ~15x faster) and hashed into
-    ``n_features`` columns instead of a vocabulary.
+    counted by a compiled kernel (`medtune.data.kernels.char_ngram_counts`; no Python loop per text) and
+    hashed into ``n_features`` columns instead of a vocabulary.
     """
 
     def __init__(self, n_features: int = 1 << 18):
@@ -70,32 +70,22 @@ class CharNgrams:
         from scipy.sparse import csr_matrix, vstack
 
         texts = list(texts)
-        # In chunks: the per-n-gram arrays of 50,000 long questions would take ~1 GB at once.
+        # In chunks: the kernel's scratch arrays grow with the characters it is given.
         parts = [self._counts(texts[i:i + self.CHUNK]) for i in range(0, len(texts), self.CHUNK)]
         return vstack(parts, format="csr") if parts else csr_matrix((0, self.n_features), dtype=np.float32)
 
-    CHUNK = 4096  # texts at a time
+    CHUNK = 16384  # texts at a time (the kernel's scratch arrays take ~16 bytes per character, twice)
 
     def _counts(self, texts: list[str]):
         import pyarrow as pa
         from scipy.sparse import csr_matrix
 
-        from medtune.data.dedup import codepoints
+        from medtune.data.dedup import utf8_buffers
+        from medtune.data.kernels import char_ngram_counts
 
-        bits = int(np.log2(self.n_features))
-        cp, bounds = codepoints(pa.array(texts, pa.string()))
-        cp = cp.astype(np.uint64)
-        rows = np.repeat(np.arange(len(texts), dtype=np.int64), np.diff(bounds))
-        pair = np.ones(len(cp), dtype=bool)  # a pair starts anywhere but at a text's last character
-        pair[bounds[1:][bounds[1:] > bounds[:-1]] - 1] = False
-        pair = np.flatnonzero(pair[:-1]) if len(cp) else np.zeros(0, np.int64)
-        keys = np.concatenate([cp, (cp[pair] << np.uint64(21) | cp[pair + 1]) | np.uint64(1 << 63)])
-        keys *= np.uint64(0x9E3779B97F4A7C15)  # multiply-shift hashing into n_features columns
-        cols = (keys >> np.uint64(64 - bits)).astype(np.int64)
-        cells, counts = np.unique((np.concatenate([rows, rows[pair]]) << bits) | cols, return_counts=True)
-        indptr = np.searchsorted(cells >> bits, np.arange(len(texts) + 1))  # cells are sorted by row, then column
-        return csr_matrix((counts.astype(np.float32), (cells & (self.n_features - 1)).astype(np.int32), indptr),
-                          shape=(len(texts), self.n_features))
+        indptr, indices, counts = char_ngram_counts(*utf8_buffers(pa.array(texts, pa.string())),
+                                                    int(np.log2(self.n_features)))
+        return csr_matrix((counts, indices, indptr), shape=(len(texts), self.n_features))
 
 
 def fit(questions: Sequence[str], labels: Sequence[str], *, max_rows: int = 50_000, seed: int = 0,

@@ -11,7 +11,8 @@ main cost. Kernels (each section below says more):
   regex versions in `medtune.data.clean` (the tests compare them);
 * `link_band`, `roots`, `agreement` — near-duplicate clusters from LSH buckets (union-find);
 * `interleave3` — the chat ``messages`` column's texts;
-* `gb18030_to_utf8` — GB18030 bytes to UTF-8 in one pass (Python's codec makes a ``str`` and encodes it again).
+* `gb18030_to_utf8` — GB18030 bytes to UTF-8 in one pass (Python's codec makes a ``str`` and encodes it again);
+* `char_ngram_counts` — the department classifier's hashed character and character-pair counts.
 
 numba compiles each on its first call and caches the machine code on disk (`warm_up`).
 
@@ -948,6 +949,57 @@ def gb18030_to_utf8(src, two, four, out):
     return q
 
 
+# ----------------------------------------------------------------------------- classifier features
+
+NGRAM_HASH = np.uint64(0x9E3779B97F4A7C15)  # multiply-shift hashing (Fibonacci) into 2^bits columns
+
+
+@njit(cache=True, nogil=True)
+def char_ngram_counts(data, off, bits):
+    """Per text, the hashed columns of its characters and character pairs with their counts, as CSR
+    (``indptr``, ``indices`` ascending within a row, ``counts``).
+
+    A character ``c`` is the key ``c``, a pair ``c d`` the key ``(c << 21 | d) | 2^63``; a key's column is
+    the top ``bits`` bits of ``key * NGRAM_HASH`` (mod 2^64)."""
+    n = off.shape[0] - 1
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    cap = 2 * (off[n] - off[0]) + 1
+    indices = np.empty(cap, dtype=np.int32)
+    counts = np.empty(cap, dtype=np.float32)
+    cols = np.empty(cap, dtype=np.int64)
+    shift = np.uint64(64 - bits)
+    tag = np.uint64(1) << np.uint64(63)
+    q = 0
+    for r in range(n):
+        m = 0
+        prev = np.uint64(0)
+        p = off[r]
+        first = True
+        while p < off[r + 1]:
+            cp, size = _decode(data, p)
+            c = np.uint64(cp)
+            cols[m] = np.int64((c * NGRAM_HASH) >> shift)
+            m += 1
+            if not first:
+                cols[m] = np.int64((((prev << np.uint64(21)) | c) | tag) * NGRAM_HASH >> shift)
+                m += 1
+            prev = c
+            first = False
+            p += size
+        row = np.sort(cols[:m])
+        i = 0
+        while i < m:
+            j = i + 1
+            while j < m and row[j] == row[i]:
+                j += 1
+            indices[q] = row[i]
+            counts[q] = j - i
+            q += 1
+            i = j
+        indptr[r + 1] = q
+    return indptr, indices[:q], counts[:q]
+
+
 def warm_up() -> float:
     """Load (or, on a first run, compile and cache) every kernel; seconds taken.
 
@@ -959,7 +1011,7 @@ def warm_up() -> float:
     import pyarrow as pa
 
     from medtune.data.clean import merge_question, normalise_text, sentence_counts, strip_boilerplate
-    from medtune.data.dedup import Sketcher, near_duplicate_groups, sketch_rows
+    from medtune.data.dedup import Sketcher, near_duplicate_groups, sketch_rows, utf8_buffers
 
     start = time.perf_counter()
     texts = pa.array(["高血压能吃党参吗？多喝水。", "头痛,发热.怎么办"])
@@ -970,5 +1022,6 @@ def warm_up() -> float:
     cols = sketch_rows(texts, texts, Sketcher(0.8, 64), Sketcher(0.6, 64))
     near_duplicate_groups(cols["qa_bands"], cols["qa_sketch"], 0.8)
     interleave3(*(np.zeros(1, np.uint8), np.zeros(2, np.int32)) * 3)
+    char_ngram_counts(*utf8_buffers(texts), 18)
     gb18030_to_utf8(np.frombuffer("高血压".encode("gb18030"), np.uint8), *gb18030_tables(), np.empty(16, np.uint8))
     return time.perf_counter() - start
