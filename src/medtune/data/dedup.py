@@ -47,17 +47,6 @@ def utf8_buffers(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return (np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)), offsets
 
 
-def codepoints(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Every character of ``texts`` as one flat uint32 array, and each text's start in it (n + 1 offsets)."""
-    texts = _string_array(texts)
-    data, offsets = utf8_buffers(texts)
-    raw = bytes(data[offsets[0]:offsets[-1]]) if len(texts) else b""
-    # One decode/encode of the whole batch gives every character as a uint32 code point.
-    cp = np.frombuffer(raw.decode("utf-8").encode("utf-32-le"), dtype=np.uint32)
-    chars = pc.utf8_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
-    return cp, np.concatenate([[0], np.cumsum(chars)])
-
-
 # ----------------------------------------------------------------------------- LSH
 
 def lsh_bands(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
