@@ -187,3 +187,24 @@ def test_min_p_reaches_the_generation_config(base):
     assert generation_config(tokenizer, GenerationArgs(min_p=0.05), [1]).min_p == 0.05
     with pytest.raises(ValueError, match="min_p"):
         GenerationArgs(min_p=2)
+
+
+def test_stop_ends_the_answer_after_the_token_it_says_so(base):
+    """`stop` is asked after every token (Ctrl-C in `medtune chat` sets it): the answer ends there."""
+    model, tokenizer = base
+    gen = GenerationArgs(greedy=True, max_new_tokens=30, repetition_penalty=1.0)
+    query = Query(QUESTIONS[1], department="心血管科")
+    [full] = respond(model, tokenizer, [query], gen)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 5
+
+    [cut] = respond(model, tokenizer, [query], gen, stream=lambda piece: None, stop=stop)
+    assert full.completion_tokens > 5, "the tiny model should not end its answer this early"
+    assert cut.completion_tokens == 5 and cut.finish_reason == "length"
+    prompt = render_prompt(tokenizer, build_messages(QUESTIONS[1], department="心血管科"))
+    assert cut.answer == _by_hand(model, tokenizer, prompt, 5)  # the first five tokens of the same answer
+    [never] = respond(model, tokenizer, [query], gen, stop=lambda: False)
+    assert never.answer == full.answer

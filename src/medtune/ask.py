@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, TextIO
@@ -258,20 +260,24 @@ def chat(model: ModelArgs = ModelArgs(), gen: GenerationArgs = GenerationArgs(),
         if dropped:
             print(f"（对话较长，已省略最早的 {dropped // 2 or 1} 轮以适应上下文长度）", flush=True)
         history = query.history
-        shown: list[str] = []
 
         def show(piece: str) -> None:
-            shown.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
 
         print(_department_line(*assistant.department(query)), file=sys.stderr, flush=True)
         print("医生：", end="", flush=True)
+        # Ctrl-C sets a flag that generation checks after every token. (A KeyboardInterrupt raised inside
+        # generate can be lost, as Python drops exceptions raised in finalisers: once in the tests an
+        # interrupted answer ran on to its end.) The answer so far is kept, with its disclaimer.
+        interrupted = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
         try:
-            [reply] = assistant.answer([query], gen, stream=show)
-            text = reply.text
-        except KeyboardInterrupt:
-            text = "".join(shown)
+            [reply] = assistant.answer([query], gen, stream=show, stop=interrupted.is_set)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        text = reply.text
+        if interrupted.is_set():
             print("\n（已停止回答）", end="", flush=True)
         print(flush=True)
         history = [*history, {"role": "user", "content": query.question}, {"role": "assistant", "content": text}]

@@ -126,17 +126,20 @@ def generate(
     *,
     stop_ids: list[int] | None = None,
     streamer: Any = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[tuple[str, int, int, str]]:
     """Continue each rendered prompt; returns (text, prompt tokens, completion tokens, finish reason).
 
     The text stops before the first stop token and has any think block stripped. Prompts are batched
     ``gen.batch_size`` at a time, shortest first, left-padded (decoder-only models continue from the
-    right end). ``streamer`` (a transformers streamer) needs ``batch_size`` 1.
+    right end). ``streamer`` (a transformers streamer) needs ``batch_size`` 1. ``stop``: asked after
+    every token; once it is true, generation ends there (finish reason "length").
     """
     import torch
 
     stop_ids = stop_ids or stop_token_ids(tokenizer)
     config = generation_config(tokenizer, gen, stop_ids)
+    criteria = _stop_when(stop) if stop is not None else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[tuple[str, int, int, str]] = [("", 0, 0, "stop")] * len(prompts)
     if gen.seed is not None:
@@ -149,7 +152,7 @@ def generate(
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left",
                               add_special_tokens=False).to(model.device)
             with torch.inference_mode():
-                out = model.generate(**batch, generation_config=config, streamer=streamer)
+                out = model.generate(**batch, generation_config=config, streamer=streamer, stopping_criteria=criteria)
             width = batch["input_ids"].shape[1]
             for row, i in enumerate(idx):
                 results[i] = _finish(tokenizer, out[row, width:].tolist(), stop_ids,
@@ -157,6 +160,18 @@ def generate(
     finally:
         model.train(was_training)
     return results
+
+
+def _stop_when(stop: Callable[[], bool]):
+    """A transformers stopping criterion that ends every sequence once ``stop()`` is true."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhen()])
 
 
 def _finish(tokenizer: Any, ids: list[int], stop_ids: list[int], n_prompt: int) -> tuple[str, int, int, str]:
@@ -237,6 +252,7 @@ def respond(
     added: Sequence[str] = (),
     boilerplate: Iterable[str] = (),
     stream: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[Answer]:
     """Answer each query (a `Query` or a bare question) in ``prompt_format``; one `Answer` per query.
 
@@ -244,6 +260,7 @@ def respond(
     its mark), removed from history before it is rendered again. ``boilerplate``: sentences removed
     from answers (the adapter's ``boilerplate.json``). ``stream``: called with each piece of the answer
     as it is generated (one query only; see `SentenceStream`); the pieces joined equal the answer.
+    ``stop``: ends the answers where they are once it returns true (`generate`).
     """
     queries = [q if isinstance(q, Query) else Query(q) for q in queries]
     fmt = get_prompt_format(prompt_format)
@@ -255,11 +272,12 @@ def respond(
             raise ValueError(f"streaming answers one query at a time, got {len(queries)}")
         streamer = SentenceStream(tokenizer, stream, stop_ids, boilerplate)
         [(_, n_in, n_out, reason)] = generate(model, tokenizer, prompts, dataclasses.replace(gen, batch_size=1),
-                                              stop_ids=stop_ids, streamer=streamer)
+                                              stop_ids=stop_ids, streamer=streamer, stop=stop)
         outputs = [(streamer.text, n_in, n_out, reason)]
     else:
         outputs = [(clean_answer(text, boilerplate), n_in, n_out, reason)
-                   for text, n_in, n_out, reason in generate(model, tokenizer, prompts, gen, stop_ids=stop_ids)]
+                   for text, n_in, n_out, reason in generate(model, tokenizer, prompts, gen, stop_ids=stop_ids,
+                                                             stop=stop)]
     return [Answer(answer=text, department=q.department, department_source="given" if q.department else None,
                    prompt_tokens=n_in, completion_tokens=n_out, finish_reason=reason)
             for q, (text, n_in, n_out, reason) in zip(queries, outputs)]
@@ -329,11 +347,11 @@ class Assistant:
             history, dropped = history[cut:], dropped + cut
 
     def answer(self, queries: Sequence[Query], gen: GenerationArgs = GenerationArgs(), *,
-               stream: Callable[[str], None] | None = None) -> list[Answer]:
+               stream: Callable[[str], None] | None = None, stop: Callable[[], bool] | None = None) -> list[Answer]:
         """Answer ``queries`` (each already `fit`): department, safety check, generation, notice and disclaimer.
 
         ``stream`` (one query only) gets the displayed text piece by piece — notice, answer, disclaimer —
-        and the pieces joined equal the returned `Answer.text`.
+        and the pieces joined equal the returned `Answer.text`. ``stop``: see `respond`.
         """
         from medtune.safety import assess
 
@@ -344,7 +362,7 @@ class Assistant:
         if stream is not None and verdicts[0].notice:
             stream(verdicts[0].notice + "\n\n")  # compose_reply's separator
         answers = respond(self.model, self.tokenizer, ready, gen, prompt_format=self.prompt_format,
-                          added=self._added, boilerplate=self.boilerplate, stream=stream)
+                          added=self._added, boilerplate=self.boilerplate, stream=stream, stop=stop)
         for a, (d, source), v in zip(answers, departments, verdicts):
             a.department, a.department_source = d, source
             a.emergency, a.emergency_category, a.notice = v.emergency, v.category, v.notice
