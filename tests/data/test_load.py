@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,57 @@ def test_process_pool_starts_workers_with_its_environment(monkeypatch):
     assert all(s == {**WORKER_ENV, "OMP_NUM_THREADS": "3", "gc": False} for s in seen)
     assert os.environ.get("OMP_NUM_THREADS") == "3"
     assert all(os.environ.get(n) is None for n in names if n != "OMP_NUM_THREADS")  # this process: as it was
+
+
+def _huge_pages_disabled() -> int:
+    import ctypes
+
+    from medtune.data.load import PR_GET_THP_DISABLE
+
+    return ctypes.CDLL("libc.so.6").prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_THP_DISABLE) is Linux's")
+def test_without_huge_pages_reaches_the_workers_and_is_undone():
+    from medtune.data.load import without_huge_pages
+
+    assert _huge_pages_disabled() == 0
+    with without_huge_pages() as applied:
+        assert applied and _huge_pages_disabled() == 1
+        with process_pool(1) as pool:  # a spawned interpreter inherits the flag
+            assert pool.submit(_huge_pages_disabled).result() == 1
+    assert _huge_pages_disabled() == 0
+    with pytest.raises(KeyError), without_huge_pages():
+        raise KeyError("restored on the way out of an error too")
+    assert _huge_pages_disabled() == 0
+
+
+def test_small_writes_hand_the_os_at_most_a_piece_at_a_time(tmp_path: Path, monkeypatch):
+    from medtune.data import load as module
+
+    monkeypatch.setattr(module, "WRITE_PIECE", 1000)
+    sizes: list[int] = []
+
+    class Recorder:  # stands for the OS file: records each write and, like write(2) may, takes only part
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            sizes.append(len(data))
+            return self.f.write(bytes(data)[:700])
+
+        def close(self):
+            self.f.close()
+
+    table = pa.table({"text": ["头痛发热" * 2000, "", "咳嗽"] * 5, "n": list(range(15))})
+    path = tmp_path / "t.arrow"
+    sink = module.SmallWrites(path)
+    sink._file = Recorder(sink._file)
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    sink.close()
+    assert pa.ipc.open_file(str(path)).read_all().equals(table)
+    assert max(sizes) == 1000 and path.stat().st_size > 100_000  # one buffer of ~120 KB went in pieces
 
 
 def test_parallel_load_matches_sequential(six_folder_root: Path):

@@ -197,6 +197,25 @@ def test_length_filters_and_everything_dropped(write_csv, tmp_path: Path):
     assert len(read_rejects(tmp_path / "b")) == 5 and not (tmp_path / "b" / "train.parquet").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_THP_DISABLE) is Linux's")
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_huge_pages_are_off_while_prepare_runs_unless_asked(write_csv, sample_rows, tmp_path: Path, monkeypatch,
+                                                           huge_pages: bool):
+    import ctypes
+
+    from medtune.data import prepare as module
+    from medtune.data.load import PR_GET_THP_DISABLE
+
+    def disabled() -> int:
+        return ctypes.CDLL("libc.so.6").prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)
+
+    seen, real = [], module._filter
+    monkeypatch.setattr(module, "_filter", lambda rows, s: (seen.append(disabled()), real(rows, s))[1])
+    prepare(input=write_csv("x.csv", sample_rows[:300]), output=tmp_path / "o",
+            settings=PrepareArgs(huge_pages=huge_pages, classifier_max_rows=100))
+    assert seen == [0 if huge_pages else 1] and disabled() == 0  # during the run; as it was afterwards
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="fraction"):
         PrepareArgs(validation_fraction=0.5, test_fraction=0.5)

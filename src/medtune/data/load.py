@@ -44,6 +44,7 @@ import json
 import logging
 import re
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -762,6 +763,7 @@ def read_file(src: SourceFile, transform: Transform | None = None, spill: Path |
     tables: list[pa.Table] = []
     extras: list = []
     writers: list = []
+    sinks: list = []
     rows = 0
     try:
         for raw in batches:
@@ -783,12 +785,15 @@ def read_file(src: SourceFile, transform: Transform | None = None, spill: Path |
                     original = original.set_column(i, name, pa.nulls(out.num_rows, pa.string()))
             parts = (out.drop_columns(list(RAW_TEXT + RAW_PLACE)), original)
             if not writers:
-                writers = [pa.ipc.new_file(str(path), part.schema) for path, part in zip(spill_paths(spill), parts)]
+                sinks = [SmallWrites(path) for path in spill_paths(spill)]
+                writers = [pa.ipc.new_file(sink, part.schema) for sink, part in zip(sinks, parts)]
             for writer, part in zip(writers, parts):
                 writer.write_table(part)
     finally:
         for writer in writers:
             writer.close()
+        for sink in sinks:
+            sink.close()
     spans = [r["raw"] for r in rejects if isinstance(r["raw"], tuple)]
     if spans:
         texts = stream.lines(spans)
@@ -849,6 +854,34 @@ def _libc():
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return None
+
+
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42  # prctl(2)
+
+
+@contextmanager
+def without_huge_pages() -> Iterator[bool]:
+    """Transparent huge pages off for this process, and for the processes it starts, while the block runs.
+
+    numpy (arrays from 4 MB) and Arrow's mimalloc (its arenas) ask Linux for huge pages. A fresh huge page
+    is zeroed whole, 2 MB at once; where the kernel hands free memory back to the hypervisor (free page
+    reporting: many virtual machines), a huge page freed for a second or two is handed back, and the
+    next one costs host faults as well: filling 1 GB of new numpy memory took 7.1 s here, against 0.8 s in
+    plain pages (`bench/fresh_memory.py`). On the benchmark corpus huge pages took 5.6 of `prepare`'s 37
+    CPU-seconds (`perf`: `do_huge_pmd_anonymous_page`); without them it ran 3 s faster. The flag is
+    inherited by child processes (fork and exec), so the load workers started inside get it too.
+    Yields whether the flag could be set (Linux only); the previous setting is restored at the end.
+    """
+    libc = _libc()
+    before = libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) if libc is not None and hasattr(libc, "prctl") else -1
+    if before < 0:  # not Linux, or a kernel without the flag (before 3.15)
+        yield False
+        return
+    libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    try:
+        yield True
+    finally:
+        libc.prctl(PR_SET_THP_DISABLE, before & 1, before & ~1, 0, 0)  # bit 1: the "except advised" flag
 
 
 def _trim() -> None:
@@ -926,6 +959,39 @@ def _read_parallel(files: list[SourceFile], spills: list, executor: Executor, tr
     return out
 
 
+WRITE_PIECE = 1 << 20  # bytes per write() of `SmallWrites`
+
+
+class SmallWrites(io.RawIOBase):
+    """A binary file whose writes reach the OS at most `WRITE_PIECE` bytes at a time (for Arrow's writers).
+
+    Linux's page cache sizes its folios to the write: a 2 MB write takes a 2 MB block of free memory. Where
+    the kernel hands free memory back to the hypervisor (free page reporting, usual on virtual machines),
+    free 2 MB blocks are exactly what it hands back, so each such write waits for the host to supply the
+    memory again. Here, 1 GB of Arrow IPC batches (each column buffer one write) took 3.4 s to write, and
+    0.5 s in 1 MB writes (`bench/fresh_memory.py`). Writes of 1 MB cost no more anywhere else.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self._file = open(path, "wb", buffering=0)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += self._file.write(view[done:done + WRITE_PIECE])
+        return len(view)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
 def spill_paths(spill: Path) -> tuple[Path, Path]:
     """The two Arrow files of a spilled file: every column but the original texts, and those texts."""
     return spill, spill.with_suffix(".raw.arrow")
@@ -963,6 +1029,13 @@ def process_pool(workers: int) -> Executor:
 def _worker_started() -> None:
     # Automatic garbage collection would walk every object of the imported libraries again and again;
     # the tasks make few reference cycles, and `release_memory` collects them after each task.
+    import atexit
     import gc
+    import os
 
     gc.disable()
+    # When the pool shuts down, a worker has sent its last result and multiprocessing has already flushed
+    # and closed what it uses; tearing down the interpreter (every module, every object of numba,
+    # scikit-learn and Arrow) then took 0.4 s of the caller's time. The OS frees the memory either way.
+    # (The exit status of a pool's worker is not read: a worker that dies early breaks the pool instead.)
+    atexit.register(os._exit, 0)

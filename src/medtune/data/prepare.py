@@ -28,14 +28,17 @@ The per-row text work runs in compiled kernels (`medtune.data.kernels`). This pr
 per-row columns in memory (place, department, sketches, lengths) and reads the texts back batch by
 batch when it writes them, so memory stays under 3 GB for the full 800,000-row dataset. Fresh memory is
 itself a cost here (every new page is a fault; on a VM often a host fault too): spills are
-memory-mapped where only a few columns are wanted, large results are written into place, and each
-file's spills are deleted once written out. With one input file the parsing is not parallel (a file is
+memory-mapped where only a few columns are wanted, large results are written into place, each
+file's spills are deleted once written out, transparent huge pages are off while `prepare` runs
+(`load.without_huge_pages`) and files are written 1 MB at a time (`load.SmallWrites`): on a VM that hands
+free memory back to the host, 2 MB blocks are the dear kind (`bench/fresh_memory.py`). With one input file the parsing is not parallel (a file is
 one task).
 
 Every row read is either in a split or in ``rejects.jsonl`` with its reason; the count is checked.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -100,6 +103,8 @@ class PrepareArgs:
     seed: int = arg(42, "seed of the split, the MinHash permutations and the classifier")
     classifier_max_rows: int = arg(50_000, "the department classifier trains on at most this many train rows")
     workers: int = arg(0, "worker processes (0: one per CPU core; 1: none)")
+    huge_pages: bool = arg(False, "let Linux back large buffers with transparent huge pages (off by default: on "
+                                  "virtual machines that hand free memory back to the host they cost more than they save)")
 
     def __post_init__(self):
         problems = []
@@ -519,8 +524,11 @@ def _json_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def write_jsonl(table: pa.Table, path: Path, chunk: int = 20_000) -> None:
-    """``table`` as JSON lines, assembled by Arrow kernels (no Python object per row), ``chunk`` rows at a time."""
-    with open(path, "wb") as f:
+    """``table`` as JSON lines, assembled by Arrow kernels (no Python object per row), ``chunk`` rows at a time
+    (written in pieces of at most 1 MB: see `load.SmallWrites`)."""
+    from medtune.data.load import SmallWrites
+
+    with SmallWrites(path) as f:
         for start in range(0, table.num_rows, chunk):
             part = table.slice(start, chunk)
             pieces: list = []
@@ -584,6 +592,13 @@ def prepare(input: Path, output: Path, department: str | None = None,
         output: directory for the splits, rejects.jsonl, boilerplate.json, manifest.json and the classifier
         department: top-level department (e.g. 内科) of a CSV/JSONL input; the six-folder layout names its own
     """
+    from medtune.data.load import without_huge_pages
+
+    with contextlib.nullcontext() if settings.huge_pages else without_huge_pages():
+        return _prepare(input, output, department, settings)
+
+
+def _prepare(input: Path, output: Path, department: str | None, settings: PrepareArgs) -> dict:
     from medtune.data.clean import boilerplate_from_counts, unicode_tables
     from medtune.data.dedup import Sketcher
     from medtune.data.load import PARALLEL_MIN_BYTES, discover, load, process_pool, read_ipc, release_memory
@@ -721,13 +736,13 @@ def finish_answers(spill: Path, *, phrases: list[str], tokenizer: Path | None = 
     """
     from medtune.data.clean import count_placeholders, lengths, strip_boilerplate
 
-    from medtune.data.load import ipc_batches, release_memory
+    from medtune.data.load import SmallWrites, ipc_batches, release_memory
 
     count_tokens = _token_counter(tokenizer) if tokenizer else None
     out = Path(spill).with_suffix(".answers.arrow")
     removed: dict[str, int] = {}
     scrubbed: dict[str, int] = {}
-    with pa.ipc.new_file(str(out), FINISHED_SCHEMA) as writer:
+    with SmallWrites(out) as sink, pa.ipc.new_file(sink, FINISHED_SCHEMA) as writer:
         for batch in ipc_batches(spill, ["question", "clean_answer", "may_hold_placeholders"]):  # batches line up
             answer, counts = strip_boilerplate(batch["clean_answer"], phrases, threads=1)
             _add(removed, counts)
