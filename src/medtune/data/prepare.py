@@ -21,7 +21,8 @@ Stages (rows in/out, seconds and this process's peak memory of each go to ``mani
    (`medtune.data.dedup`); each dropped row names the kept row it duplicates;
 5. split — near-twin questions kept on one side, stratified by department (`medtune.data.split`);
 6. write — ``train/validation/test.parquet`` (one pass over the rows; row groups are compressed on a
-   thread of their own while the next batch is assembled), ``rejects.jsonl``, ``boilerplate.json``;
+   thread of their own while the next batch is assembled), ``boilerplate.json``; ``rejects.jsonl`` is
+   written by a worker from the end of deduplication on (`RejectsJob`);
 7. classifier — fitted in a worker while the splits are written (`medtune.data.classifier`).
 
 The per-row text work runs in compiled kernels (`medtune.data.kernels`). This process keeps only small
@@ -267,7 +268,6 @@ class _Ledger:
         self.alive = np.ones(self.table.num_rows, dtype=bool)
         self.load_rejects = load_rejects
         self.pending: list[tuple[np.ndarray, np.ndarray | None, pa.Table]] = []
-        self.texts: list[tuple[np.ndarray, pa.Table]] = []  # see keep_texts
 
     @property
     def count(self) -> int:
@@ -279,63 +279,44 @@ class _Ledger:
             return self.matrices[name][self.alive]
         return self.table[name].filter(pa.array(self.alive))
 
-    def batches(self, columns: list[str], answers: bool = False, raw: bool = False,
-                consume: bool = False) -> Iterator[tuple[int, pa.Table]]:
+    def batches(self, columns: list[str], answers: bool = False, consume: bool = False) -> Iterator[tuple[int, pa.Table]]:
         """(first row, table) per spilled batch: ``columns`` of the main files, plus the final answer
-        (``answers``) and the original texts (``raw``: ``original_title`` …) of the same rows.
-        ``consume``: delete each file's spills once read (their pages are then reused for what is written
-        next: fresh memory is costly)."""
-        from medtune.data.load import RAW_PLACE, ipc_batches, spill_paths
+        (``answers``) of the same rows. ``consume``: delete each file's spills once read (their pages are
+        then reused for what is written next: fresh memory is costly), all but the original texts, which
+        `RejectsJob` reads."""
+        from medtune.data.load import ipc_batches
 
         start = 0
         for spill in self.spills:
-            main, original = spill_paths(spill)
             wanted = columns + ["clean_answer"] if answers and "clean_answer" not in columns else columns
-            streams = [ipc_batches(main, wanted)]
+            streams = [ipc_batches(spill, wanted)]
             if answers:
                 streams.append(ipc_batches(spill.with_suffix(".answers.arrow"), ["answer"]))
-            if raw:
-                streams.append(ipc_batches(original))
             for parts in zip(*streams):
                 table = parts[0]
                 if answers:  # the final answer: where boilerplate removal left it as it was, the file holds null
                     final = pc.coalesce(parts[1]["answer"], table["clean_answer"])
                     table = table.select(columns).append_column("answer", final)
-                if raw:  # the original texts as original_* (null where the file holds them: RAW_PLACE)
-                    for name in parts[-1].column_names:
-                        table = table.append_column(name if name in RAW_PLACE else f"original_{name}", parts[-1][name])
                 yield start, table
                 start += table.num_rows
             if consume:
-                for path in (main, original, spill.with_suffix(".answers.arrow")):
+                for path in (spill, spill.with_suffix(".answers.arrow")):
                     path.unlink(missing_ok=True)
         if consume:
             self.spills = []
 
-    def keep_texts(self, start: int, table: pa.Table) -> None:
-        """Keep the original texts of this batch's dropped rows (``table`` from `batches` with ``raw``),
-        so that `rejects` needs no second pass over the spills."""
-        from medtune.data.load import RAW_PLACE, RAW_TEXT
-
-        dropped = np.flatnonzero(~self.alive[start:start + table.num_rows])
-        if len(dropped):
-            texts = table.select([f"original_{name}" for name in RAW_TEXT] + list(RAW_PLACE))
-            texts = texts.rename_columns(list(RAW_TEXT + RAW_PLACE))
-            self.texts.append((start + dropped, texts.take(pa.array(dropped))))
-
-    def gather(self, rows: np.ndarray, columns: list[str], raw: bool = False) -> pa.Table:
+    def gather(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
         """``columns`` of the rows ``rows`` (in that order), read from the spilled files."""
         rows = np.asarray(rows, dtype=np.int64)
         order = np.sort(rows)
         picked = []
-        for start, table in self.batches(columns, raw=raw):
+        for start, table in self.batches(columns):
             lo, hi = np.searchsorted(order, [start, start + table.num_rows])
             if hi > lo:
                 picked.append(table.take(pa.array(order[lo:hi] - start)))
         table = pa.concat_tables(picked).combine_chunks() if picked else None
         if table is None:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
-        table = table.rename_columns([c.removeprefix("original_") for c in table.column_names])
         return table.take(pa.array(np.searchsorted(order, rows)))
 
     def locate(self, rows: np.ndarray) -> pa.Array:
@@ -360,31 +341,18 @@ class _Ledger:
         """Keep only what the rejects still need (file and line of every row); frees the rest."""
         self.table = self.table.select(["source_file", "source_line"])
 
-    def rejects(self) -> pa.Table:
-        """Every reject with its original texts, sorted by file and line."""
-        from medtune.data.load import RAW_TEXT
+    def rejects_job(self) -> "RejectsJob":
+        """What `RejectsJob` needs to write every reject so far (call it once the last row is dropped)."""
+        from medtune.data.load import spill_paths
 
-        parts = [_load_rejects(self.load_rejects)] if self.load_rejects else []
-        if not self.pending:
-            return _sorted_rejects(parts)
+        metas = []
         # Follow duplicate-of links to a row that was kept (an exact copy's original may have turned out
         # to be a near-duplicate of an earlier row).
         link = np.full(len(self.alive), -1, dtype=np.int64)
         for rows, of, _ in self.pending:
             if of is not None:
                 link[rows] = of
-        wanted = np.concatenate([rows for rows, _, _ in self.pending])
-        if self.texts:  # kept while the splits were written
-            have = np.concatenate([rows for rows, _ in self.texts])
-            texts = pa.concat_tables([t for _, t in self.texts]).combine_chunks()
-            texts = texts.take(pa.array(np.argsort(have)[np.searchsorted(np.sort(have), wanted)]))
-        else:
-            texts = self.gather(wanted, [], raw=True)
-        texts = self._originals(wanted, texts)
-        start = 0
         for rows, of, part in self.pending:
-            mine = texts.slice(start, len(rows))
-            start += len(rows)
             dup_of = pa.nulls(len(rows), pa.string())
             if of is not None:
                 final = of.copy()
@@ -395,15 +363,65 @@ class _Ledger:
                 if pc.any(moved).as_py():
                     note = pc.binary_join_element_wise(part["detail"], "; that row is itself dropped, kept: ", dup_of, "")
                     part = part.set_column(part.column_names.index("detail"), "detail", pc.if_else(moved, note, part["detail"]))
-            part = part.append_column("duplicate_of", dup_of)
-            for name in RAW_TEXT:
-                part = part.append_column(name, mine[name])
-            parts.append(part.append_column("raw", pa.nulls(len(rows), pa.string())).select(REJECT_SCHEMA.names))
-        return _sorted_rejects(parts)
+            metas.append(part.append_column("duplicate_of", dup_of))
+        wanted = np.concatenate([rows for rows, _, _ in self.pending]) if self.pending else np.zeros(0, np.int64)
+        return RejectsJob(pa.concat_tables(metas).combine_chunks() if metas else None, wanted, self.load_rejects,
+                          [spill_paths(s)[1] for s in self.spills], self.bounds, self.sources)
 
-    def _originals(self, rows: np.ndarray, texts: pa.Table) -> pa.Table:
-        """The original texts of ``rows`` (``texts``: from the spills, with `load.RAW_PLACE`), those the
-        spills left out read from the files."""
+
+@dataclasses.dataclass
+class RejectsJob:
+    """Writes ``rejects.jsonl``: every reject with its original texts, sorted by file and line (picklable:
+    a worker writes it while the parent splits and writes the splits).
+
+    The reasons, places and duplicate-of links come from the ledger (`_Ledger.rejects_job`); the original
+    texts are read here, from the load's spills (``raw_spills``: `load.spill_paths`), and where Arrow's
+    reader took the row, from the file itself (`load.original_texts`).
+    """
+
+    meta: pa.Table | None   # per dropped row: reason, place, detail, departments, duplicate_of (``rows`` order)
+    rows: np.ndarray        # their indices in the loaded rows
+    load_rejects: list[dict]
+    raw_spills: list[Path]  # per loaded file
+    bounds: np.ndarray      # the first row of each file
+    sources: list           # the load's `FileResult`s (without tables)
+
+    def __call__(self, path: Path) -> dict:
+        """Write the rejects to ``path``; returns ``rows`` and ``by_reason`` (counts)."""
+        from medtune.data.load import RAW_TEXT, release_memory
+
+        parts = [_load_rejects(self.load_rejects)] if self.load_rejects else []
+        if len(self.rows):
+            texts = self._originals(self._spilled_texts())
+            meta = self.meta
+            for name in RAW_TEXT:
+                meta = meta.append_column(name, texts[name])
+            parts.append(meta.append_column("raw", pa.nulls(len(self.rows), pa.string())).select(REJECT_SCHEMA.names))
+        rejects = _sorted_rejects(parts)
+        write_jsonl(rejects, path)
+        done = {"rows": rejects.num_rows, "by_reason": _reason_counts(rejects)}
+        del rejects, parts
+        release_memory()
+        return done
+
+    def _spilled_texts(self) -> pa.Table:
+        """The spilled original texts (`load.RAW_TEXT`, null where the file holds them: `load.RAW_PLACE`) of
+        ``rows``, in that order."""
+        from medtune.data.load import ipc_batches
+
+        order = np.sort(self.rows)
+        picked, start = [], 0
+        for spill in self.raw_spills:
+            for batch in ipc_batches(spill):
+                lo, hi = np.searchsorted(order, [start, start + batch.num_rows])
+                if hi > lo:
+                    picked.append(batch.take(pa.array(order[lo:hi] - start)))
+                start += batch.num_rows
+        return pa.concat_tables(picked).combine_chunks().take(pa.array(np.searchsorted(order, self.rows)))
+
+    def _originals(self, texts: pa.Table) -> pa.Table:
+        """The original texts of ``rows`` (``texts``: from the spills), those the spills left out read from
+        the files."""
         from medtune.data.load import RAW_TEXT, original_texts
 
         missing = np.flatnonzero(texts["title"].is_null().to_numpy(zero_copy_only=False))
@@ -411,7 +429,7 @@ class _Ledger:
             return texts.select(list(RAW_TEXT))
         offsets = texts["source_offset"].take(pa.array(missing)).to_numpy()
         lengths = texts["source_length"].take(pa.array(missing)).to_numpy()
-        source = np.searchsorted(self.bounds, rows[missing], side="right") - 1
+        source = np.searchsorted(self.bounds, self.rows[missing], side="right") - 1
         found, parts = [], []
         for k in np.unique(source):
             mine = np.flatnonzero(source == k)
@@ -661,9 +679,12 @@ def _prepare(input: Path, output: Path, department: str | None, settings: Prepar
                 rec["candidate_pairs"] = _near_duplicates(rows, settings.dedup_threshold)
                 rec["rows_out"] = rows.count
             if rows.count == 0:
-                write_jsonl(rows.rejects(), output / "rejects.jsonl")
+                rows.rejects_job()(output / "rejects.jsonl")
                 raise DataError(f"no rows left after cleaning and deduplication ({read:,} read); "
                                 f"see {output / 'rejects.jsonl'} for why each was dropped", input)
+            # Every drop is known now: a worker writes rejects.jsonl while this process splits and writes.
+            rejects_job = rows.rejects_job()
+            rejects_future = executor.submit(rejects_job, output / "rejects.jsonl") if executor is not None else None
             with stage("split", rows.count) as rec:
                 kept = np.flatnonzero(rows.alive)
                 split, rec["question_clusters"] = _split(rows, settings)
@@ -679,8 +700,8 @@ def _prepare(input: Path, output: Path, department: str | None, settings: Prepar
                 departments, sub_departments = _value_counts(kept_cols["department"]), _value_counts(kept_cols["sub_department"])
                 kept_cols = None
                 rows.keep_places()
-                rejects = rows.rejects()
-                write_jsonl(rejects, output / "rejects.jsonl")
+                rejected = rejects_future.result() if rejects_future is not None else rejects_job(output / "rejects.jsonl")
+                del rejects_job
                 _write_boilerplate(output / "boilerplate.json", boilerplate, removed, settings)
             with stage("classifier", len(job.args[0])) as rec:
                 if not job.args[1]:
@@ -695,8 +716,8 @@ def _prepare(input: Path, output: Path, department: str | None, settings: Prepar
         spill.cleanup()
 
     kept_rows = sum(split_counts.values())
-    if kept_rows + rejects.num_rows != read:  # the pipeline's promise: every row read is kept or rejected
-        raise RuntimeError(f"row accounting is off: {kept_rows} kept + {rejects.num_rows} rejected != {read} read")
+    if kept_rows + rejected["rows"] != read:  # the pipeline's promise: every row read is kept or rejected
+        raise RuntimeError(f"row accounting is off: {kept_rows} kept + {rejected['rows']} rejected != {read} read")
     manifest = {
         "medtune_data_format": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -707,8 +728,8 @@ def _prepare(input: Path, output: Path, department: str | None, settings: Prepar
                      "dedup_lsh_bands": list(qa_sketch.bands), "split_lsh_bands": list(q_sketch.bands),
                      "length_unit": "tokens" if settings.tokenizer else "characters"},
         "seed": settings.seed,
-        "counts": {"read": read, "kept": kept_rows, "rejected": rejects.num_rows, "splits": split_counts,
-                   "rejected_by_reason": _reason_counts(rejects)},
+        "counts": {"read": read, "kept": kept_rows, "rejected": rejected["rows"], "splits": split_counts,
+                   "rejected_by_reason": rejected["by_reason"]},
         "departments": departments,
         "sub_departments": sub_departments,
         "split_departments": split_departments,
@@ -897,10 +918,9 @@ def _write_splits(rows: _Ledger, kept: np.ndarray, split: np.ndarray, output: Pa
     writer.start()
     try:
         columns = ["question", "department", "sub_department", "system", "history", "source_file", "source_line"]
-        for start, batch in rows.batches(columns, answers=True, raw=True, consume=True):
+        for start, batch in rows.batches(columns, answers=True, consume=True):
             if failed:
                 break
-            rows.keep_texts(start, batch)
             mine = code[start:start + batch.num_rows]
             for k, name in enumerate(SPLITS):
                 keep = mine == k
