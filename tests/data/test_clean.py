@@ -173,6 +173,7 @@ def test_compiled_sentence_counts_match_the_python_rules(answers):
               "😀表情😀。多喝水", "“多喝水”。多休息；多休息;", "", "多喝水\n\n多休息\n", "多 喝 水 。"]
     texts = answers.to_pylist()[:3000] + tricky
     table, distinct = sentence_counts(pa.array(texts))
+    table.validate(full=True)  # the keys' string array, assembled from byte offsets, is valid UTF-8
     assert distinct == len(set(texts))
     assert dict(zip(table["key"].to_pylist(), table["answers"].to_pylist())) == _reference_counts(texts)
     # copies marked by their ids count once; min_answers keeps only frequent keys

@@ -308,8 +308,12 @@ def _classes() -> np.ndarray:
     return char_classes(SENTENCE_ENDS, KEY_TRIM)
 
 
-def _key_texts(data: np.ndarray, span: np.ndarray, idx: np.ndarray) -> list[str]:
-    return [bytes(data[span[i, 2]:span[i, 3]]).decode("utf-8") for i in idx]
+def _key_texts(data: np.ndarray, span: np.ndarray, idx: np.ndarray) -> pa.Array:
+    """The keys of the sentences ``idx`` (their bytes ``span[:, 2:4]`` in ``data``) as a string array."""
+    from medtune.data.kernels import byte_slices
+
+    out, offsets = byte_slices(data, np.ascontiguousarray(span[idx, 2]), np.ascontiguousarray(span[idx, 3]))
+    return pa.StringArray.from_buffers(len(idx), pa.py_buffer(offsets), pa.py_buffer(out))
 
 
 def key_hashes(keys: Sequence[str]) -> np.ndarray:
@@ -349,7 +353,7 @@ def sentence_counts(answers: pa.Array | pa.ChunkedArray, answer_ids: pa.Array | 
     counts = np.diff(np.append(starts, len(h)))
     keep = counts >= min_answers
     keys = _key_texts(data, span, first[starts[keep]])
-    return pa.table({"key": pa.array(keys, pa.string()), "answers": pa.array(counts[keep], pa.int64())}), distinct
+    return pa.table({"key": keys, "answers": pa.array(counts[keep], pa.int64())}), distinct
 
 
 def boilerplate_from_counts(parts: Sequence[pa.Table], answers: int, min_share: float = 0.003,

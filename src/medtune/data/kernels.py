@@ -827,6 +827,23 @@ def interleave3(x_data, x_off, y_data, y_off, z_data, z_off):
     return out[:q], offsets
 
 
+@njit(cache=True, nogil=True)
+def byte_slices(data, starts, ends):
+    """``data[starts[i]:ends[i]]`` for each i, as one string array's (bytes, n + 1 int32 offsets)."""
+    n = starts.shape[0]
+    size = 0
+    for i in range(n):
+        size += ends[i] - starts[i]
+    out = np.empty(max(1, size), np.uint8)
+    offsets = np.empty(n + 1, np.int32)
+    q = 0
+    for i in range(n):
+        offsets[i] = q
+        q = _copy(out, q, data, starts[i], ends[i])
+    offsets[n] = q
+    return out[:q], offsets
+
+
 _SHORT_ESCAPES = {8: ord("b"), 9: ord("t"), 10: ord("n"), 12: ord("f"), 13: ord("r"), 34: ord('"'), 92: ord("\\")}
 JSON_ESCAPE = np.zeros(128, np.uint8)  # per ASCII byte: 0 as it is, 1 as \u00XX, else the letter after "\"
 JSON_ESCAPE[:32] = 1
