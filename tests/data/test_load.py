@@ -311,6 +311,18 @@ def test_a_few_undecodable_bytes_reject_their_rows(tmp_path: Path):
     assert "\\xff" in res.rejects[0]["detail"] and res.table.num_rows == 2
 
 
+def test_a_bad_byte_deep_in_a_utf8_file_rejects_its_row(tmp_path: Path):
+    # Far past where the encoding is detected, in a piece Arrow's reader parses: its UTF-8 check finds it.
+    rows = "".join(f"内科,头痛{i},经常头痛,注意休息\n" for i in range(20_000)).encode("utf-8")
+    path = tmp_path / "x.csv"
+    path.write_bytes("department,title,ask,answer\n".encode() + rows + "内科,胃痛,胃".encode() + b"\xff"
+                     + ",少吃\n内科,失眠,睡不着,规律作息\n".encode())
+    res = load(path)
+    assert res.files[0].encoding == "utf-8"
+    assert [(r["source_line"], r["reason"]) for r in res.rejects] == [(20_002, "undecodable")]
+    assert res.table.num_rows == 20_001
+
+
 def test_crlf_lines_and_quoted_line_breaks(tmp_path: Path):
     path = tmp_path / "x.csv"
     path.write_bytes("department,title,ask,answer\r\n内科,t1,\"问题\r\n第二行\",答1\r\n内科,t2,a2,答2\r\n".encode("utf-8"))
