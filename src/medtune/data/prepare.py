@@ -307,17 +307,8 @@ class _Ledger:
 
     def gather(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
         """``columns`` of the rows ``rows`` (in that order), read from the spilled files."""
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.sort(rows)
-        picked = []
-        for start, table in self.batches(columns):
-            lo, hi = np.searchsorted(order, [start, start + table.num_rows])
-            if hi > lo:
-                picked.append(table.take(pa.array(order[lo:hi] - start)))
-        table = pa.concat_tables(picked).combine_chunks() if picked else None
-        if table is None:
-            return pa.table({c: pa.array([], pa.string()) for c in columns})
-        return table.take(pa.array(np.searchsorted(order, rows)))
+        table = _pick_rows((t for _, t in self.batches(columns)), rows)
+        return pa.table({c: pa.array([], pa.string()) for c in columns}) if table is None else table
 
     def locate(self, rows: np.ndarray) -> pa.Array:
         """``file:line`` of the given rows (indices into the whole table)."""
@@ -409,15 +400,7 @@ class RejectsJob:
         ``rows``, in that order."""
         from medtune.data.load import ipc_batches
 
-        order = np.sort(self.rows)
-        picked, start = [], 0
-        for spill in self.raw_spills:
-            for batch in ipc_batches(spill):
-                lo, hi = np.searchsorted(order, [start, start + batch.num_rows])
-                if hi > lo:
-                    picked.append(batch.take(pa.array(order[lo:hi] - start)))
-                start += batch.num_rows
-        return pa.concat_tables(picked).combine_chunks().take(pa.array(np.searchsorted(order, self.rows)))
+        return _pick_rows((b for spill in self.raw_spills for b in ipc_batches(spill)), self.rows)
 
     def _originals(self, texts: pa.Table) -> pa.Table:
         """The original texts of ``rows`` (``texts``: from the spills), those the spills left out read from
@@ -441,6 +424,21 @@ class RejectsJob:
         mask = pa.array(mask)
         return pa.table({name: pc.replace_with_mask(texts[name].combine_chunks(), mask, read[name].combine_chunks())
                          for name in RAW_TEXT})
+
+
+def _pick_rows(tables: Iterator[pa.Table], rows: np.ndarray) -> pa.Table | None:
+    """The rows ``rows`` (indices across ``tables``, one after another) in that order; None if none."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.sort(rows)
+    picked, start = [], 0
+    for table in tables:
+        lo, hi = np.searchsorted(order, [start, start + table.num_rows])
+        if hi > lo:
+            picked.append(table.take(pa.array(order[lo:hi] - start)))
+        start += table.num_rows
+    if not picked:
+        return None
+    return pa.concat_tables(picked).combine_chunks().take(pa.array(np.searchsorted(order, rows)))
 
 
 def _sorted_rejects(parts: list[pa.Table]) -> pa.Table:
